@@ -1,0 +1,39 @@
+# cellfoundry: `make demo` (install, then run the pipeline on the real data) and `make test`.
+# Each target creates/reuses the virtualenv in .venv and installs torch==2.13.0 first, so
+# nothing that depends on torch can pull another (CUDA) build. On a CPU machine outside
+# this environment, pass TORCH_INDEX=https://download.pytorch.org/whl/cpu.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+TORCH_INDEX ?=
+STAMP := $(VENV)/.installed
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+
+.PHONY: install test demo bench lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+demo: install
+	$(PY) -m cellfoundry.cli corpus --config jobs/configs/corpus/smoke.yaml
+
+bench: install
+	$(PY) bench/corpus.py
+
+lint: install
+	$(VENV)/bin/ruff check platform tests bench jobs
+	$(VENV)/bin/ruff format --check platform tests bench jobs
+
+clean:
+	rm -rf artifacts .pytest_cache

@@ -1,0 +1,38 @@
+"""Stage 1 as a Ray job.
+
+    ray job submit --working-dir . -- python jobs/corpus.py --config jobs/configs/corpus/smoke.yaml
+
+Without a cluster (no ``RAY_ADDRESS``) the same command starts a local one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # a working-dir upload
+
+from cellfoundry import runtime
+from cellfoundry.config import CorpusJobConfig, load_config
+from cellfoundry.corpus.pipeline import run_corpus
+from cellfoundry.logs import setup_logging
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    setup_logging()
+    cfg = load_config(CorpusJobConfig, args.config, args.set)
+    runtime.init_ray(cfg.ray)
+    runtime.configure_data_context()
+    result = run_corpus(cfg.corpus)
+    print(json.dumps({"artifacts": result.paths(), "counts": result.counts}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

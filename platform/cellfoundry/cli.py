@@ -1,0 +1,81 @@
+"""``cellfoundry <stage> ...``: thin commands over the library (each calls one function)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from cellfoundry import runtime
+from cellfoundry.logs import setup_logging
+
+logger = logging.getLogger("cellfoundry.cli")
+
+
+def _corpus(args: argparse.Namespace) -> int:
+    from cellfoundry.config import CorpusJobConfig, load_config
+    from cellfoundry.corpus.pipeline import run_corpus
+
+    cfg = load_config(CorpusJobConfig, args.config, args.set)
+    runtime.init_ray(cfg.ray)
+    runtime.configure_data_context()
+    result = run_corpus(cfg.corpus)
+    print(json.dumps({"artifacts": result.paths(), "counts": result.counts}, indent=2))
+    return 0
+
+
+def _tokenize(args: argparse.Namespace) -> int:
+    from cellfoundry.config import RayConfig
+    from cellfoundry.corpus.tokenize_files import tokenize_files
+
+    runtime.init_ray(RayConfig(address=args.address, num_cpus=args.num_cpus))
+    runtime.configure_data_context()
+    manifest = tokenize_files(
+        args.inputs, dictionaries=args.dictionaries, mode=args.mode, output=args.output,
+        model_input_size=args.model_input_size, rows_per_chunk=args.rows_per_chunk,
+        gene_table=args.gene_table,
+    )  # fmt: skip
+    failed = manifest["counts"]["quarantined"]
+    print(json.dumps({"output": args.output, "cells": manifest["counts"]["cells"], "failed": failed}, indent=2))
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cellfoundry", description=__doc__)
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("corpus", help="stage 1: catalog -> cells -> medians -> vocabulary -> tokenized")
+    p.add_argument("--config", required=True, help="YAML config (see jobs/configs/corpus/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. corpus.qc.n_sd=2.5")
+    p.set_defaults(func=_corpus)
+
+    p = sub.add_parser("tokenize", help="tokenize h5ad/loom/10x files with Geneformer dictionaries")
+    p.add_argument("inputs", nargs="+", help="input files (h5ad, loom, 10x .h5, 10x mtx folders)")
+    p.add_argument("--dictionaries", required=True, help="folder with token and median dictionaries")
+    p.add_argument("--mode", choices=["v1", "v2"], default="v2")
+    p.add_argument("--output", required=True, help="output folder (Parquet shards + manifest.json)")
+    p.add_argument("--model-input-size", type=int, default=None, help="default 4096 (v2) / 2048 (v1)")
+    p.add_argument("--rows-per-chunk", type=int, default=4096)
+    p.add_argument("--gene-table", default=None, help="gene table for symbol lookup")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local cluster")
+    p.set_defaults(func=_tokenize)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cellfoundry`` command."""
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        return int(args.func(args))
+    except ValueError as exc:  # user mistakes: one clear line, no traceback
+        logger.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

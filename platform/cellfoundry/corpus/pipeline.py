@@ -1,0 +1,257 @@
+"""Stage 1 end to end: catalog -> cells -> medians -> vocabulary -> tokenized (Ray Data)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cellfoundry import artifacts
+from cellfoundry.config.schema import CorpusConfig
+from cellfoundry.corpus import catalog as cat
+from cellfoundry.corpus import dedup, ingest, qc, sources, vocab_stage
+from cellfoundry.corpus.ingest import GeneIndex, ProbedDataset
+from cellfoundry.genes import GeneTable
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CorpusResult:
+    """Paths of the artifacts a corpus run produced (or reused) and its counts."""
+
+    catalog: Path
+    cells: Path
+    medians: Path
+    vocabulary: Path
+    tokenized: Path
+    counts: dict[str, Any]
+
+    def paths(self) -> dict[str, str]:
+        return {k: str(v) for k, v in asdict(self).items() if k != "counts"}
+
+
+def _n_partitions(n_rows: int) -> int:
+    # Ray Data's default of 200 shuffle partitions is slow on small data (PITFALLS.md).
+    return int(max(1, min(200, n_rows // 250_000)))
+
+
+def _catalog_stage(cfg: CorpusConfig, out: Path) -> tuple[Path, list[cat.DatasetEntry]]:
+    entries = cat.load_catalog(cfg.catalog)
+    rows = [{**e.to_row(), "signature": ingest._file_signature(e.uri)} for e in entries]
+    path = out / "catalog"
+    fp = artifacts.fingerprint("catalog", rows, {})
+    if artifacts.reusable(path, "catalog", fp):
+        logger.info("catalog: reusing %s", path)
+        return path, entries
+    with artifacts.write_artifact(path, "catalog", rows) as w:
+        pl.DataFrame([e.to_row() for e in entries]).write_parquet(w.dir / "catalog.parquet")
+        w.counts = {"datasets": len(entries)}
+    return path, entries
+
+
+def _probe_all(
+    entries: list[cat.DatasetEntry], cfg: CorpusConfig, genes: GeneIndex, table: GeneTable, salt: str
+) -> tuple[list[ProbedDataset], dict[str, dict[str, Any]]]:
+    """Probe every dataset in its own Ray task; failures are quarantined, not raised."""
+    import ray
+
+    probe = ray.remote(num_cpus=1, max_retries=0)(ingest.probe_dataset)
+    genes_ref, table_ref = ray.put(genes), ray.put(table)
+    refs = {e.id: probe.remote(e, i, genes_ref, table_ref, cfg.rows_per_chunk, salt) for i, e in enumerate(entries)}
+    probed, quarantined = [], {}
+    for e in entries:
+        try:
+            probed.append(ray.get(refs[e.id]))
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.as_instanceof_cause()
+            reason = str(cause.args[0]) if getattr(cause, "args", None) else str(cause)
+            logger.error("quarantined dataset %s: %s", e.id, reason)
+            quarantined[e.id] = {"reason": reason, "n_cells": 0}
+    return probed, quarantined
+
+
+def _ingest(probed: list[ProbedDataset], work: Path, genes: GeneIndex, metadata_columns: list[str]) -> list[dict[str, Any]]:
+    import ray
+
+    plan = {
+        p.entry.id: {
+            "entry": p.entry, "index": p.index, "col_map": p.col_map, "n_genes": len(genes),
+            "flags": genes.flags, "format": p.gene_report["format"], "metadata_columns": metadata_columns,
+        }
+        for p in probed
+    }  # fmt: skip
+    items = [
+        {"dataset_id": p.entry.id, "start": s, "stop": t, "part_dir": str(ingest.part_dir(work, p))}
+        for p in probed
+        for s, t in p.chunks
+    ]
+    if not items:
+        return []
+    import json
+
+    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 200)).map_batches(
+        ingest.IngestChunks,
+        fn_constructor_kwargs={"plan": ray.put(plan)},
+        batch_size=1,
+        concurrency=(1, max(1, int(ray.cluster_resources().get("CPU", 1)))),
+        num_cpus=1,
+    )
+    return [json.loads(r["stats"]) for r in ds.take_all()]
+
+
+def _cells_stage(cfg: CorpusConfig, out: Path, catalog_path: Path, entries: list[cat.DatasetEntry]) -> Path:
+    import ray
+
+    path, work = out / "cells", out / "_work"
+    table = GeneTable.load(cfg.gene_table)
+    salt = ingest._file_signature(str(table.source)) if getattr(table, "source", None) else "default"
+    stage_cfg = {"gene_table": cfg.gene_table, "rows_per_chunk": cfg.rows_per_chunk, "qc": asdict(cfg.qc), "salt": salt}
+    fp = artifacts.fingerprint("cells", stage_cfg, {"catalog": catalog_path})
+    previous = artifacts.reusable(path, "cells", fp)
+    if previous and not previous["counts"]["quarantined"]:
+        logger.info("cells: reusing %s", path)
+        return path
+    genes = GeneIndex.from_table(table)
+    dataset_status: dict[str, dict[str, Any]] = {}
+    doi_dups = cat.doi_duplicates(entries)
+    to_read = []
+    for e in entries:
+        reason = cat.exclusion_reason(e, cfg.qc)
+        if e.id in doi_dups:
+            dataset_status[e.id] = {"status": "duplicate_dataset", "duplicate_of": doi_dups[e.id]}
+        elif reason:
+            dataset_status[e.id] = {"status": reason}
+        else:
+            to_read.append(e)
+    # Excluded datasets are not read, only probed for their cell counts.
+    probed_all, quarantined = _probe_all(entries, cfg, genes, table, salt)
+    by_id = {p.entry.id: p for p in probed_all}
+    probed = [by_id[e.id] for e in to_read if e.id in by_id]
+    metadata_columns = sorted({k for e in to_read for k in e.metadata})
+    stats = _ingest(probed, work, genes, metadata_columns)
+    errors: dict[str, str] = {}
+    for s in stats:
+        if s["error"] and s["dataset_id"] not in errors:
+            errors[s["dataset_id"]] = s["error"]
+    for ds_id, reason in errors.items():
+        quarantined[ds_id] = {"reason": reason, "n_cells": by_id[ds_id].n_cells}
+        ingest.remove_parts(work, ds_id)
+    for ds_id, q in quarantined.items():
+        if ds_id in by_id:
+            q["n_cells"] = by_id[ds_id].n_cells
+        dataset_status[ds_id] = {"status": "quarantined", **q}
+    good = [p for p in probed if p.entry.id not in quarantined]
+    thresholds = {}
+    for p in good:
+        mine = [s for s in stats if s["dataset_id"] == p.entry.id]
+        m_counts = ingest.merge_moments([s["n_counts_moments"] for s in mine])
+        m_mito = ingest.merge_moments([s["pct_mito_moments"] for s in mine])
+        thresholds[p.entry.id] = qc.Thresholds.from_moments(
+            m_counts, m_mito, cfg.qc.n_sd, cfg.qc.min_protein_coding_genes
+        )
+        dataset_status[p.entry.id] = {"status": "read", "thresholds": thresholds[p.entry.id].to_dict(), "genes": p.gene_report}
+        _drop_stale_parts(work, p)
+    files = [str(f) for p in good for f in sorted(ingest.part_dir(work, p).glob("part-*.parquet"))]
+    duplicates: tuple[np.ndarray, np.ndarray] = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    if cfg.qc.deduplicate_cells:
+        panels = {p.entry.id: np.bincount(p.col_map[p.col_map >= 0], minlength=len(genes)) > 0 for p in good}
+        duplicates = dedup.find_duplicates(
+            files, panels, min_identity=cfg.qc.duplicate_min_identity,
+            num_partitions=_n_partitions(sum(p.n_cells for p in good)),
+        )  # fmt: skip
+    with artifacts.write_artifact(path, "cells", stage_cfg, {"catalog": catalog_path}) as w:
+        genes_table = pa.table({
+            "index": pa.array(np.arange(len(genes)), pa.int32()), "ensembl_id": genes.ensembl_ids,
+            "symbol": genes.symbols, "biotype": genes.biotypes, "chromosome": genes.chromosomes,
+        })  # fmt: skip
+        pq.write_table(genes_table, w.dir / "genes.parquet")
+        if files:
+            (
+                ray.data.read_parquet(files)
+                .map_batches(
+                    qc.AssignQC,
+                    batch_format="pyarrow",
+                    fn_constructor_kwargs={"thresholds": ray.put(thresholds), "duplicate_orders": ray.put(duplicates[0])},
+                    concurrency=(1, max(1, int(ray.cluster_resources().get("CPU", 1)))),
+                )
+                .write_parquet(str(w.dir / "data"), min_rows_per_file=cfg.tokenize.shard_rows)
+            )
+        w.counts = _reconcile(w.dir / "data", entries, dataset_status, by_id)
+        w.extra["datasets"] = dataset_status
+        summary = w.counts.pop("_per_dataset")
+        pl.DataFrame(summary).write_parquet(w.dir / "qc_summary.parquet")
+    return path
+
+
+def _drop_stale_parts(work: Path, p: ProbedDataset) -> None:
+    """Parts from an earlier version of a dataset's file are no longer needed."""
+    root = work / "ingest" / p.entry.id
+    for child in root.iterdir() if root.exists() else []:
+        if child.name != p.fingerprint:
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def _reconcile(data_dir: Path, entries: list[cat.DatasetEntry], status: dict[str, dict[str, Any]], probed: dict[str, ProbedDataset]) -> dict[str, Any]:
+    """Counts that add up: cells_in = passed + filtered + duplicates + quarantined."""
+    files = sorted(data_dir.glob("*.parquet"))
+    if files:
+        per = pl.scan_parquet([str(f) for f in files]).group_by(["dataset_id", "qc"]).len().collect()
+    else:
+        per = pl.DataFrame({"dataset_id": [], "qc": [], "len": []}, schema={"dataset_id": pl.String, "qc": pl.String, "len": pl.UInt32})
+    filtered: dict[str, int] = {}
+    quarantined: dict[str, dict[str, Any]] = {}
+    passed = duplicates = cells_in = 0
+    rows = []
+    for e in entries:
+        st = status.get(e.id, {"status": "missing"})
+        n = probed[e.id].n_cells if e.id in probed else 0
+        cells_in += n
+        if st["status"] == "read":
+            for r in per.filter(pl.col("dataset_id") == e.id).iter_rows(named=True):
+                rows.append({"dataset_id": e.id, "outcome": r["qc"], "cells": int(r["len"])})
+                if r["qc"] == qc.PASSED:
+                    passed += int(r["len"])
+                elif r["qc"] == qc.DUPLICATE:
+                    duplicates += int(r["len"])
+                else:
+                    filtered[r["qc"]] = filtered.get(r["qc"], 0) + int(r["len"])
+        elif st["status"] == "duplicate_dataset":
+            duplicates += n
+            rows.append({"dataset_id": e.id, "outcome": "duplicate_dataset", "cells": n})
+        elif st["status"] == "quarantined":
+            quarantined[e.id] = {"reason": st["reason"], "n_cells": n}
+            rows.append({"dataset_id": e.id, "outcome": "quarantined", "cells": n})
+        else:
+            filtered[st["status"]] = filtered.get(st["status"], 0) + n
+            rows.append({"dataset_id": e.id, "outcome": st["status"], "cells": n})
+    total = passed + duplicates + sum(filtered.values()) + sum(q["n_cells"] for q in quarantined.values())
+    assert total == cells_in, f"counts do not reconcile: {total} != {cells_in}"
+    return {
+        "cells_in": cells_in, "passed": passed, "filtered": filtered, "duplicates": duplicates,
+        "quarantined": quarantined, "datasets": len(entries), "_per_dataset": rows,
+    }  # fmt: skip
+
+
+def run_corpus(cfg: CorpusConfig) -> CorpusResult:
+    """Run stage 1 (Ray must be initialised); reuses complete artifacts whose inputs are unchanged."""
+    out = Path(cfg.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    catalog_path, entries = _catalog_stage(cfg, out)
+    cells_path = _cells_stage(cfg, out, catalog_path, entries)
+    medians_path = vocab_stage.medians_stage(cfg, out, cells_path)
+    vocab_path = vocab_stage.vocabulary_stage(cfg, out, cells_path, medians_path)
+    tokenized_path = vocab_stage.tokenized_stage(cfg, out, cells_path, vocab_path)
+    counts = artifacts.read_manifest(cells_path)["counts"]
+    counts["tokenized"] = artifacts.read_manifest(tokenized_path)["counts"]
+    return CorpusResult(catalog_path, cells_path, medians_path, vocab_path, tokenized_path, counts)
+
+
+__all__ = ["CorpusResult", "run_corpus", "sources"]
