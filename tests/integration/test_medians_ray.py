@@ -33,11 +33,15 @@ def make_tables(seed: int, n_tables: int = 4, n_cells: int = 100) -> list[pa.Tab
             gene_ids.append(genes.astype(np.int32))
             counts.append(c.astype(np.int32))
             n_counts.append(n)
-        tables.append(pa.table({
-            "gene_ids": pa.array(gene_ids, pa.list_(pa.int32())),
-            "counts": pa.array(counts, pa.list_(pa.int32())),
-            "n_counts": pa.array(n_counts, pa.int64()),
-        }))
+        tables.append(
+            pa.table(
+                {
+                    "gene_ids": pa.array(gene_ids, pa.list_(pa.int32())),
+                    "counts": pa.array(counts, pa.list_(pa.int32())),
+                    "n_counts": pa.array(n_counts, pa.int64()),
+                }
+            )
+        )
     return tables
 
 
@@ -46,10 +50,14 @@ def reference(tables: list[pa.Table]) -> tuple[np.ndarray, np.ndarray]:
     table = pa.concat_tables(tables)
     lists = table["gene_ids"].to_pylist()
     genes = np.concatenate(lists)
-    values = (np.concatenate(table["counts"].to_pylist()).astype(np.int32)
-              / np.repeat(table["n_counts"].to_numpy(), [len(g) for g in lists]) * 10000.0)
-    med = np.array([np.median(values[genes == g]) if (genes == g).any() else np.nan
-                    for g in range(N_GENES)])
+    values = (
+        np.concatenate(table["counts"].to_pylist()).astype(np.int32)
+        / np.repeat(table["n_counts"].to_numpy(), [len(g) for g in lists])
+        * 10000.0
+    )
+    med = np.array(
+        [np.median(values[genes == g]) if (genes == g).any() else np.nan for g in range(N_GENES)]
+    )
     return med, np.bincount(genes, minlength=N_GENES)
 
 

@@ -1,13 +1,15 @@
 """Corpus-wide per-gene non-zero medians of count / n_counts * 10,000 (the ``medians`` artifact).
 
-Pass 1 builds sparse per-gene log histograms (key = gene * bins + bin) with per-bin count, min
-and max, merged by a Ray Data ``groupby``: its size is bounded by genes x occupied bins, never
-by cells. ``sketch`` interpolates inside the bin holding each median rank. ``exact`` narrows
-each unresolved gene to the single bin (then sub-bin) holding its median rank(s) until at most
-``max_values_per_gene`` values remain, and a last pass collects those values and picks the
-order statistics. A rank that is the first or last value of its bin, or in a bin whose min
-equals its max, is known from the histogram alone. Bins are defined by exact comparisons with
-edges computed once on the driver (a logarithm only guesses), so every worker bins alike.
+Pass 1 builds sparse per-gene log histograms (key = gene * n_bins + bin, a count per key) with
+``map_batches`` and merges them with a Ray Data ``groupby``: the merged table is bounded by
+genes x occupied bins, never by cells. ``sketch`` interpolates inside the bin holding each
+median rank. ``exact`` narrows every gene to the bin(s) holding its median rank(s), then, while
+more than ``max_values_per_gene`` values are left, to finer sub-bins (these passes also keep
+each sub-bin's min and max: a rank that is first or last in its sub-bin, or in one whose min
+equals its max, is known at once); a last pass collects the values left and picks the order
+statistics. Bins are value intervals fixed by exact comparisons with edges computed once on the
+driver (a logarithm only guesses), so every worker bins alike; catch-all outer bins give every
+positive value a bin (nothing is clamped), and the collection tests values, not bins.
 """
 
 from __future__ import annotations
@@ -28,16 +30,18 @@ from ray.data.aggregate import Max, Min, Sum
 logger = logging.getLogger(__name__)
 
 SCALE = 10_000.0  #: values are counts / n_counts * SCALE
-LOG_RANGE = (-3.0, 4.0)  #: decades of the pass-1 histogram: [1e-3, 1e4], outer bins clamp
 CELL_COLUMNS = ["gene_ids", "counts", "n_counts"]
-_SUB_BINS = (64, 4096)  # sub-bins per gene in a refinement pass (powers of two)
-_MAX_REFINE_PASSES = 64  # each shrinks an interval >= 64x; 0 or 1 are typical
+_N_LOW = 14  # outer bins below 1e-3: [0, 1e-16), then one per decade up to [1e-4, 1e-3)
+_N_OUTER = 25  # with those above 1e4: one per decade up to [1e13, 1e14), then [1e14, inf)
+_SUB_BINS = (64, 4096)  # sub-bins per gene in a narrowing pass (powers of two)
+_MAX_NARROWING_PASSES = 64  # each shrinks an interval >= 64x; 0 or 1 are typical
 _CELLS = pa.schema(
     [("gene_ids", pa.list_(pa.int32())), ("counts", pa.list_(pa.int32())), ("n_counts", pa.int64())]
 )
 _HIST = pa.schema(
     [("key", pa.int64()), ("count", pa.int64()), ("vmin", pa.float64()), ("vmax", pa.float64())]
 )
+_COUNTS = pa.schema([("key", pa.int64()), ("count", pa.int64())])
 _VALUES = pa.schema([("gene", pa.int32()), ("value", pa.float64())])
 
 
@@ -54,8 +58,12 @@ class MedianResult:
 
 # ----------------------------------------------------------------- per-batch (worker) pieces
 def bin_edges(bins: int) -> np.ndarray:
-    """Log-spaced pass-1 edges, float64 [bins + 1], from 1e-3 to 1e4."""
-    return 10.0 ** np.linspace(LOG_RANGE[0], LOG_RANGE[1], bins + 1)
+    """Pass-1 edges, float64 [bins + 26]: ``bins`` log-spaced bins over [1e-3, 1e4], and
+    outer bins of a decade each from 1e-16 to 1e14, plus [0, 1e-16) and [1e14, inf)."""
+    return np.concatenate([
+        [0.0], 10.0 ** np.arange(-16, -3), 10.0 ** np.linspace(-3.0, 4.0, bins + 1),
+        10.0 ** np.arange(5, 15), [np.inf],
+    ])  # fmt: skip
 
 
 def cell_values(batch: pa.Table, n_genes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -66,9 +74,8 @@ def cell_values(batch: pa.Table, n_genes: int) -> tuple[np.ndarray, np.ndarray]:
     lengths = pc.fill_null(pc.list_value_length(batch["gene_ids"]), 0).to_numpy()
     genes = pc.list_flatten(batch["gene_ids"]).to_numpy().astype(np.int64)
     counts = pc.list_flatten(batch["counts"]).to_numpy()
-    if counts.size != genes.size or not np.array_equal(
-        pc.fill_null(pc.list_value_length(batch["counts"]), 0).to_numpy(), lengths
-    ):
+    same = pc.fill_null(pc.list_value_length(batch["counts"]), 0).to_numpy()
+    if counts.size != genes.size or not np.array_equal(same, lengths):
         raise ValueError(
             "cells: `gene_ids` and `counts` differ in length for some cell; "
             "they must be parallel lists"
@@ -85,17 +92,20 @@ def cell_values(batch: pa.Table, n_genes: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def log_bins(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Bin of each value: #interior edges <= value, so edges[b] <= v < edges[b+1] (outer bins
-    clamp). A log10 guess is corrected by exact comparisons; int64 [m]."""
-    nb = edges.size - 1
-    scale = nb / (LOG_RANGE[1] - LOG_RANGE[0])
-    b = np.clip(np.floor((np.log10(values) - LOG_RANGE[0]) * scale), 0, nb - 1).astype(np.int64)
-    while True:  # each round moves every misplaced value one bin closer
-        down = (b > 0) & (values < edges[b])
-        up = (b < nb - 1) & (values >= edges[b + 1])
-        if not (down.any() or up.any()):
-            return b
-        b += up.astype(np.int64) - down
+    """Bin b of each positive value with edges[b] <= v < edges[b + 1]; int64 [m].
+
+    A log10 guess in the main range, corrected by exact comparisons (values outside the main
+    range, or rounded across an edge, walk one bin per round)."""
+    scale = (edges.size - 1 - _N_OUTER) / 7.0
+    guess = np.floor((np.log10(values) + 3.0) * scale) + _N_LOW
+    b = np.clip(guess, 0, edges.size - 2).astype(np.int64)
+    idx = np.flatnonzero((values < edges[b]) | (values >= edges[b + 1]))
+    while idx.size:
+        v, bi = values[idx], b[idx]
+        bi += (v >= edges[bi + 1]).astype(np.int64) - (v < edges[bi])
+        b[idx] = bi
+        idx = idx[(v < edges[bi]) | (v >= edges[bi + 1])]
+    return b
 
 
 def sub_bins(values: np.ndarray, lo: np.ndarray, step: np.ndarray, n_sub: np.ndarray) -> np.ndarray:
@@ -114,31 +124,30 @@ def sub_bins(values: np.ndarray, lo: np.ndarray, step: np.ndarray, n_sub: np.nda
 
 
 def reduce_by_key(
-    keys: np.ndarray, counts: np.ndarray | None, vmin: np.ndarray, vmax: np.ndarray
+    keys: np.ndarray,
+    counts: np.ndarray | None = None,
+    vmin: np.ndarray | None = None,
+    vmax: np.ndarray | None = None,
 ) -> pa.Table:
-    """Merge rows with equal key: counts summed (None = 1 each), min of vmin, max of vmax.
+    """Merge rows with equal key: counts summed (None: 1 a row), min of vmin, max of vmax.
 
-    Returns a histogram table (key, count, vmin, vmax) sorted by key.
+    Returns (key, count[, vmin, vmax]) sorted by key; vmin/vmax only when given.
     """
+    schema = _HIST if vmin is not None else _COUNTS
     if keys.size == 0:
-        return _HIST.empty_table()
+        return schema.empty_table()
     order = np.argsort(keys)
     k = keys[order]
     starts = np.flatnonzero(np.concatenate(([True], k[1:] != k[:-1])))
     c = (
         np.diff(np.append(starts, k.size))
         if counts is None
-        else np.add.reduceat(counts[order], starts)
+        else np.add.reduceat(counts[order].astype(np.int64), starts)
     )
-    return pa.table(
-        [
-            k[starts],
-            c.astype(np.int64),
-            np.minimum.reduceat(vmin[order], starts),
-            np.maximum.reduceat(vmax[order], starts),
-        ],
-        schema=_HIST,
-    )
+    cols = [k[starts], c]
+    if vmin is not None and vmax is not None:
+        cols += [np.minimum.reduceat(vmin[order], starts), np.maximum.reduceat(vmax[order], starts)]
+    return pa.table(cols, schema=schema)
 
 
 def _fetch(params: Any) -> Any:
@@ -146,14 +155,17 @@ def _fetch(params: Any) -> Any:
 
 
 def histogram_batch(batch: pa.Table, *, n_genes: int, edges: np.ndarray) -> pa.Table:
-    """Pass 1 partial: sparse histogram of one batch, key = gene * bins + log bin."""
+    """Pass-1 partial of one batch: (key, count), key = gene * n_bins + log bin; int32
+    columns when the key space allows (8 bytes a row: these rows are what is shuffled)."""
     genes, values = cell_values(batch, n_genes)
-    keys = genes * (edges.size - 1) + log_bins(values, edges)
-    return reduce_by_key(keys, None, values, values)
+    n_bins = edges.size - 1
+    keys, counts = np.unique(genes * n_bins + log_bins(values, edges), return_counts=True)
+    kt = pa.int32() if n_genes * n_bins < 2**31 else pa.int64()
+    return pa.table({"key": pa.array(keys, kt), "count": pa.array(counts, pa.int32())})
 
 
-def refine_batch(batch: pa.Table, *, n_genes: int, params: Any) -> pa.Table:
-    """Refinement partial: values inside each active gene's [lo, hi], in n_sub linear
+def narrow_batch(batch: pa.Table, *, n_genes: int, params: Any) -> pa.Table:
+    """Narrowing partial: values inside each active gene's [lo, hi], in n_sub linear
     sub-bins; key = gene * max(n_sub) + sub-bin. params = (lo, hi, step, n_sub) [n_genes]."""
     lo, hi, step, n_sub = _fetch(params)
     genes, values = cell_values(batch, n_genes)
@@ -191,18 +203,15 @@ class _RayPasses:
     def put(self, params: Any) -> Any:
         return ray.put(params)
 
-    def histogram(self, fn: Callable[[pa.Table], pa.Table]) -> pa.Table:
+    def histogram(self, fn: Callable[[pa.Table], pa.Table], ranges: bool) -> pa.Table:
+        """Sum of count (with ranges: min of vmin, max of vmax) per key, sorted by key."""
+        aggs = [Sum("count", alias_name="count")]
+        if ranges:
+            aggs += [Min("vmin", alias_name="vmin"), Max("vmax", alias_name="vmax")]
         cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 2
-        merged = (
-            self._map(fn)
-            .groupby("key", num_partitions=max(1, min(cpus, 200)))
-            .aggregate(
-                Sum("count", alias_name="count"),
-                Min("vmin", alias_name="vmin"),
-                Max("vmax", alias_name="vmax"),
-            )
-        )
-        table = _concat(ray.get(merged.to_arrow_refs()), _HIST)
+        partitions = max(1, min(cpus, 200))  # the default (200) is slow on small data
+        merged = self._map(fn).groupby("key", num_partitions=partitions).aggregate(*aggs)
+        table = _concat(ray.get(merged.to_arrow_refs()), _HIST if ranges else _COUNTS)
         return table.take(np.argsort(table["key"].to_numpy()))
 
     def collect(self, fn: Callable[[pa.Table], pa.Table]) -> pa.Table:
@@ -217,21 +226,16 @@ class _LocalPasses:
 
     def _map(self, fn: Callable[[pa.Table], pa.Table]) -> pa.Table:
         self.passes += 1
-        return pa.concat_tables(
-            [
-                fn(t.slice(i, self.batch_size))
-                for t in self.tables
-                for i in range(0, t.num_rows, self.batch_size)
-            ]
-            or [fn(_CELLS.empty_table())]
-        )
+        size = self.batch_size
+        parts = [fn(t.slice(i, size)) for t in self.tables for i in range(0, t.num_rows, size)]
+        return pa.concat_tables(parts or [fn(_CELLS.empty_table())], promote_options="permissive")
 
     def put(self, params: Any) -> Any:
         return params
 
-    def histogram(self, fn: Callable[[pa.Table], pa.Table]) -> pa.Table:
+    def histogram(self, fn: Callable[[pa.Table], pa.Table], ranges: bool) -> pa.Table:
         t = self._map(fn)
-        return reduce_by_key(*(t[c].to_numpy() for c in _HIST.names))
+        return reduce_by_key(*(t[c].to_numpy() for c in t.column_names))
 
     def collect(self, fn: Callable[[pa.Table], pa.Table]) -> pa.Table:
         return self._map(fn)
@@ -244,9 +248,8 @@ def _concat(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
 
 # --------------------------------------------------------------------- driver-side narrowing
 class _Narrowing:
-    """Per-gene state: the order statistics at ranks (n-1)//2 and n//2, each known (value)
-    or located as `rank` within a closed interval [lo, hi] that holds `m` of the gene's values
-    (both unknown ranks, if two, always share one interval)."""
+    """Per gene, the order statistics at ranks (n-1)//2 and n//2: each known (`value`) or
+    at `rank` within a closed value interval [lo, hi] holding `m` of the gene's values."""
 
     def __init__(self, n_genes: int) -> None:
         self.n = np.zeros(n_genes, np.int64)
@@ -260,43 +263,54 @@ class _Narrowing:
         return (self.n > 0) & np.isnan(self.value).any(axis=1)
 
     def update(
-        self, hist: pa.Table, width: int, active: np.ndarray | None = None, *, sketch: bool = False
+        self,
+        gene: np.ndarray,
+        count: np.ndarray,
+        lo: np.ndarray,
+        hi: np.ndarray,
+        active: np.ndarray | None = None,
+        *,
+        attained: bool,
+        sketch: bool = False,
     ) -> None:
-        """Locate the unknown ranks in a merged histogram (rows sorted by key, key = gene *
-        width + bin) of all values (active None) or of the active genes' intervals; resolve
-        them from bin min/max, or narrow to their bin (sketch: geometric interpolation)."""
-        key, count, vmin, vmax = (hist[c].to_numpy() for c in _HIST.names)
-        gene = key // width
+        """Locate the unknown ranks in a merged histogram: rows [r] sorted by (gene, bin),
+        each bin the closed interval [lo, hi] (attained: its min and max values), of all
+        values (active None) or of the active genes' intervals. Known from a row's min/max,
+        else narrowed to the row(s) holding them (sketch: interpolated inside the row)."""
         total = np.bincount(gene, weights=count, minlength=self.n.size).astype(np.int64)
         if active is None:
-            self.n, self.m = total, total.copy()
+            self.n, active = total, total > 0
             self.rank = np.stack([(total - 1) // 2, total // 2], axis=1)
         elif not np.array_equal(total, np.where(active, self.m, 0)):
-            raise RuntimeError(
-                "medians: the cells changed between passes; make the input "
-                "dataset deterministic (or materialize it) before medians"
-            )
+            raise RuntimeError(_CHANGED)
         cum = np.cumsum(count)
-        base = np.zeros(self.n.size, np.int64)  # values of the gene before its first row
-        starts = (
-            np.flatnonzero(np.concatenate(([True], gene[1:] != gene[:-1])))
-            if gene.size
-            else np.zeros(0, np.int64)
-        )
-        base[gene[starts]] = cum[starts] - count[starts]
-        for j in (0, 1):
-            g = np.flatnonzero((total > 0) & np.isnan(self.value[:, j]))
-            row = np.searchsorted(cum, base[g] + self.rank[g, j], side="right")
-            off = base[g] + self.rank[g, j] - (cum[row] - count[row])
-            c, a, b = count[row], vmin[row], vmax[row]
-            known = (off == 0) | (off == c - 1) | (a == b)
-            self.value[g[known], j] = np.where(off == c - 1, b, a)[known]
-            g, off, c, a, b = g[~known], off[~known], c[~known], a[~known], b[~known]
-            if sketch:  # 0 < off < c - 1 here, so c >= 3
-                self.value[g, j] = a * (b / a) ** (off / (c - 1))
-                self.err[g, j] = b / a - 1.0
-            else:
-                self.rank[g, j], self.m[g], self.lo[g], self.hi[g] = off, c, a, b
+        base = np.zeros(self.n.size, np.int64)  # the gene's values before its first row
+        firsts = np.flatnonzero(np.diff(gene, prepend=-1))
+        base[gene[firsts]] = cum[firsts] - count[firsts]
+        g = np.flatnonzero(active & self.pending())
+        t = base[g, None] + self.rank[g]  # [k, 2] positions in the whole table
+        row = np.searchsorted(cum, t, side="right")
+        off, c, a, b = t - (cum[row] - count[row]), count[row], lo[row], hi[row]
+        value, todo = self.value[g], np.isnan(self.value[g])
+        if attained:
+            known = todo & ((off == 0) | (off == c - 1) | (a == b))
+            value = np.where(known, np.where(off == c - 1, b, a), value)
+            todo &= ~known
+        if sketch:  # geometric interpolation; an error bound of b / a - 1
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                est = np.where(a > 0, a * (b / a) ** ((off + 0.5) / c), b)
+                self.err[g] = np.where(todo, b / a - 1.0, 0.0)
+            self.value[g] = np.where(todo, est, value)
+            return
+        self.value[g] = value
+        first = np.where(todo[:, 0], row[:, 0], row[:, 1])  # rows holding the unknown ranks
+        last = np.where(todo[:, 1], row[:, 1], row[:, 0])
+        start = cum[first] - count[first]
+        keep = todo.any(axis=1)
+        g = g[keep]
+        self.lo[g], self.hi[g] = lo[first][keep], hi[last][keep]
+        self.m[g] = (cum[last] - start)[keep]
+        self.rank[g] = (t - start[:, None])[keep]
 
     def finish(self, values: pa.Table, active: np.ndarray) -> None:
         """Pick the unknown ranks from the collected values of the active genes."""
@@ -305,18 +319,21 @@ class _Narrowing:
         order = np.lexsort((value, gene))
         got = np.bincount(gene, minlength=self.n.size)
         if not np.array_equal(got, np.where(active, self.m, 0)):
-            raise RuntimeError(
-                "medians: the cells changed between passes; make the input "
-                "dataset deterministic (or materialize it) before medians"
-            )
+            raise RuntimeError(_CHANGED)
         start = np.cumsum(got) - got
-        for j in (0, 1):
-            g = np.flatnonzero(active & np.isnan(self.value[:, j]))
-            self.value[g, j] = value[order[start[g] + self.rank[g, j]]]
+        g = np.flatnonzero(active)
+        picked = value[order[np.clip(start[g, None] + self.rank[g], 0, value.size - 1)]]
+        self.value[g] = np.where(np.isnan(self.value[g]), picked, self.value[g])
 
     def medians(self) -> np.ndarray:
         """numpy's median: mean of the middle pair (one value twice when n is odd)."""
         return np.where(self.n > 0, (self.value[:, 0] + self.value[:, 1]) / 2.0, np.nan)
+
+
+_CHANGED = (
+    "medians: the cells changed between passes; make the input dataset deterministic "
+    "(or materialize it) before computing medians"
+)
 
 
 # ---------------------------------------------------------------------------- public API
@@ -335,7 +352,8 @@ def compute_medians(
     ``cells``: a Ray Dataset with ``gene_ids`` (list<int32> in [0, n_genes)), ``counts``
     (list<int32>, > 0) and ``n_counts`` (int64), or Arrow tables to run in this process.
     ``exact`` equals ``np.median`` bitwise (usually 2 passes); ``sketch`` takes 1 pass, error
-    <= 10**(7/bins) - 1. Collected values are bounded by ``max_values_per_gene`` per gene and
+    <= 10**(7/bins) - 1 (medians outside [1e-3, 1e4] fall in wider outer bins; the bound then
+    says so). Collected values are bounded by ``max_values_per_gene`` per gene and
     ``max_total_values`` in all; genes above either are narrowed by another pass first. Each
     pass re-reads ``cells``: materialize it first when that is cheaper than recomputing it.
     """
@@ -356,65 +374,64 @@ def compute_medians(
         else _LocalPasses(cells, batch_size)
     )
     state, edges, t0 = _Narrowing(n_genes), bin_edges(bins), time.perf_counter()
-    state.update(
-        runner.histogram(functools.partial(histogram_batch, n_genes=n_genes, edges=edges)),
-        bins,
-        sketch=method == "sketch",
-    )
+    hist = runner.histogram(functools.partial(histogram_batch, n_genes=n_genes, edges=edges), False)
+    gene, b = np.divmod(hist["key"].to_numpy(), edges.size - 1)
+    lo, hi = edges[b], np.nextafter(edges[b + 1], 0.0)  # bin b as a closed interval
+    state.update(gene, hist["count"].to_numpy(), lo, hi, attained=False, sketch=method == "sketch")
     logger.info(
-        "medians pass 1: %d genes detected, %d need narrowing (%.1f s)",
-        int((state.n > 0).sum()),
-        int(state.pending().sum()),
-        time.perf_counter() - t0,
-    )
-    for _ in range(_MAX_REFINE_PASSES):
-        refine = _to_refine(state, max_values_per_gene, max_total_values)
-        if not refine.any():
+        "medians pass 1: %d genes detected, %d merged bins (%.1f s)",
+        int((state.n > 0).sum()), hist.num_rows, time.perf_counter() - t0,
+    )  # fmt: skip
+    for _ in range(_MAX_NARROWING_PASSES):
+        narrow = _to_narrow(state, max_values_per_gene, max_total_values)
+        if not narrow.any():
             break
-        want = 2 ** np.ceil(np.log2(np.maximum(8 * state.m / max_values_per_gene, 1)))
-        n_sub = np.where(refine, np.clip(want, *_SUB_BINS), 0).astype(np.int64)
-        lo, hi = np.where(refine, state.lo, np.nan), np.where(refine, state.hi, np.nan)
-        params = runner.put(
-            (lo, hi, np.where(refine, (hi - lo) / np.maximum(n_sub, 1), 0.0), n_sub)
-        )
-        state.update(
-            runner.histogram(functools.partial(refine_batch, n_genes=n_genes, params=params)),
-            int(n_sub.max()),
-            refine,
-        )
-        logger.info("medians pass %d: narrowed %d genes", runner.passes, int(refine.sum()))
+        _narrowing_pass(runner, state, narrow, n_genes, max_values_per_gene)
     else:
-        raise RuntimeError(
-            f"medians: still narrowing after {_MAX_REFINE_PASSES} passes; raise max_values_per_gene"
-        )
+        raise RuntimeError(f"medians: still narrowing after {_MAX_NARROWING_PASSES} passes")
     active = state.pending()
     if active.any():
         params = runner.put(
             (np.where(active, state.lo, np.nan), np.where(active, state.hi, np.nan))
         )
-        state.finish(
-            runner.collect(functools.partial(collect_batch, n_genes=n_genes, params=params)), active
-        )
+        fn = functools.partial(collect_batch, n_genes=n_genes, params=params)
+        state.finish(runner.collect(fn), active)
         logger.info(
             "medians pass %d: collected %d values of %d genes",
-            runner.passes,
-            int(state.m[active].sum()),
-            int(active.sum()),
-        )
+            runner.passes, int(state.m[active].sum()), int(active.sum()),
+        )  # fmt: skip
     bound = 0.0 if method == "exact" else max(10.0 ** (7.0 / bins) - 1.0, float(state.err.max()))
     logger.info("medians: %s, %d passes, %.1f s", method, runner.passes, time.perf_counter() - t0)
     return MedianResult(state.medians(), state.n, method, bound, runner.passes)
 
 
-def _to_refine(state: _Narrowing, max_per_gene: int, max_total: int) -> np.ndarray:
+def _to_narrow(state: _Narrowing, max_per_gene: int, max_total: int) -> np.ndarray:
     """Pending genes to narrow further: above max_per_gene values, or the largest ones while
     the values to collect exceed max_total; bool [n_genes]."""
     pending = state.pending()
-    refine = pending & (state.m > max_per_gene)
-    rest = np.flatnonzero(pending & ~refine)
+    narrow = pending & (state.m > max_per_gene)
+    rest = np.flatnonzero(pending & ~narrow)
     rest = rest[np.argsort(state.m[rest], kind="stable")]
-    refine[rest[np.cumsum(state.m[rest]) > max_total]] = True
-    return refine
+    narrow[rest[np.cumsum(state.m[rest]) > max_total]] = True
+    return narrow
+
+
+def _narrowing_pass(
+    runner: _RayPasses | _LocalPasses, state: _Narrowing, narrow: np.ndarray, n_genes: int,
+    max_per_gene: int,
+) -> None:  # fmt: skip
+    """One pass of n_sub linear sub-bins (64..4096, ~max_per_gene / 8 values each) over each
+    narrowed gene's interval; 1 bin (just its min and max) for the unbounded outer bins."""
+    lo, hi = np.where(narrow, state.lo, np.nan), np.where(narrow, state.hi, np.nan)
+    want = np.clip(2 ** np.ceil(np.log2(np.maximum(8 * state.m / max_per_gene, 1))), *_SUB_BINS)
+    n_sub = np.where(narrow, np.where((lo > 0) & (hi < 1e300), want, 1), 0).astype(np.int64)
+    step = np.where(narrow, (hi - lo) / np.maximum(n_sub, 1), 0.0)
+    params = runner.put((lo, hi, step, n_sub))
+    hist = runner.histogram(functools.partial(narrow_batch, n_genes=n_genes, params=params), True)
+    width = int(n_sub.max())
+    key, count, vmin, vmax = (hist[c].to_numpy() for c in _HIST.names)
+    state.update(key // width, count, vmin, vmax, narrow, attained=True)
+    logger.info("medians pass %d: narrowed %d genes", runner.passes, int(narrow.sum()))
 
 
 def medians_to_table(
@@ -429,12 +446,10 @@ def medians_to_table(
             "medians; pass the gene table's ensembl_id column in index order"
         )
     n = result.medians.size
-    return pa.table(
-        {
-            "ensembl_id": ids,
-            "median": pa.array(result.medians, pa.float64()),
-            "n_cells_detected": pa.array(result.n_detected, pa.int64()),
-            "method": pa.array([result.method] * n, pa.string()),
-            "relative_error_bound": pa.array(np.full(n, result.relative_error_bound), pa.float64()),
-        }
-    )
+    return pa.table({
+        "ensembl_id": ids,
+        "median": pa.array(result.medians, pa.float64()),
+        "n_cells_detected": pa.array(result.n_detected, pa.int64()),
+        "method": pa.array([result.method] * n, pa.string()),
+        "relative_error_bound": pa.array(np.full(n, result.relative_error_bound), pa.float64()),
+    })  # fmt: skip

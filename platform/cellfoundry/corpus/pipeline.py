@@ -18,6 +18,7 @@ from cellfoundry.config.schema import CorpusConfig
 from cellfoundry.corpus import catalog as cat
 from cellfoundry.corpus import dedup, ingest, qc, sources, vocab_stage
 from cellfoundry.corpus.ingest import GeneIndex, ProbedDataset
+from cellfoundry.corpus.tokenized import finalize_shards
 from cellfoundry.genes import GeneTable
 
 logger = logging.getLogger(__name__)
@@ -184,6 +185,7 @@ def _cells_stage(cfg: CorpusConfig, out: Path, catalog_path: Path, entries: list
                 )
                 .write_parquet(str(w.dir / "data"), min_rows_per_file=cfg.tokenize.shard_rows)
             )
+            finalize_shards(w.dir / "data")
         w.counts = _reconcile(w.dir / "data", entries, dataset_status, by_id)
         w.extra["datasets"] = dataset_status
         summary = w.counts.pop("_per_dataset")
@@ -242,6 +244,9 @@ def _reconcile(data_dir: Path, entries: list[cat.DatasetEntry], status: dict[str
 
 def run_corpus(cfg: CorpusConfig) -> CorpusResult:
     """Run stage 1 (Ray must be initialised); reuses complete artifacts whose inputs are unchanged."""
+    from cellfoundry.runtime import configure_data_context
+
+    configure_data_context()  # deterministic order: the same outputs on 1 or 100 nodes
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     catalog_path, entries = _catalog_stage(cfg, out)

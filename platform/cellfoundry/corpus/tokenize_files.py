@@ -29,7 +29,7 @@ from cellfoundry.corpus import sources
 from cellfoundry.corpus.cells import list_array, remap_csr
 from cellfoundry.corpus.encode import RankEncoder
 from cellfoundry.corpus.ingest import _file_signature
-from cellfoundry.corpus.tokenized import length_histogram
+from cellfoundry.corpus.tokenized import finalize_shards, length_histogram
 from cellfoundry.genes import GeneformerDictionaries, GeneTable
 
 logger = logging.getLogger(__name__)
@@ -176,6 +176,9 @@ def tokenize_files(
     """
     import ray
 
+    from cellfoundry.runtime import configure_data_context
+
+    configure_data_context()  # output rows in input order
     dg = DictionaryGenes.load(dictionaries, mode, model_input_size)
     table: GeneTable | None = None
     plan, items, quarantined, reports = {}, [], {}, {}
@@ -219,7 +222,7 @@ def tokenize_files(
                 .write_parquet(str(w.dir), min_rows_per_file=50_000)
             )  # fmt: skip
         quarantined.update(_drop_failed_files(w.dir))
-        shards = sorted(w.dir.glob("*.parquet"))
+        shards = finalize_shards(w.dir)
         lengths = (
             pl.scan_parquet([str(s) for s in shards]).select("length").collect()["length"].to_numpy()
             if shards else np.zeros(0, np.int64)

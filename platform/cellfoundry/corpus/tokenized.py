@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,30 @@ from cellfoundry.corpus.cells import list_array, remap_csr
 from cellfoundry.corpus.encode import RankEncoder
 
 logger = logging.getLogger(__name__)
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def finalize_shards(directory: Path, prefix: str = "part") -> list[Path]:
+    """Rename the Parquet files Ray Data wrote to ``<prefix>-00000.parquet``... in write order.
+
+    Ray names files ``<uuid>_<task>-<block>.parquet``; a numeric sort of those restores the
+    (order-preserving) write order, and stable names make runs comparable.
+    """
+    files = sorted(directory.glob("*.parquet"), key=lambda p: _natural_key(p.name))
+    staged = []
+    for i, f in enumerate(files):
+        tmp = f.with_name(f".{prefix}-{i:05d}.parquet.tmp")
+        f.rename(tmp)
+        staged.append(tmp)
+    out = []
+    for i, tmp in enumerate(staged):
+        final = tmp.with_name(f"{prefix}-{i:05d}.parquet")
+        tmp.rename(final)
+        out.append(final)
+    return out
 
 
 def csr_from_lists(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:

@@ -16,7 +16,12 @@ from cellfoundry.config.schema import CorpusConfig
 from cellfoundry.corpus import qc
 from cellfoundry.corpus.encode import RankEncoder
 from cellfoundry.corpus.medians import compute_medians, medians_to_table
-from cellfoundry.corpus.tokenized import EncodeCells, length_histogram, write_hf_layout
+from cellfoundry.corpus.tokenized import (
+    EncodeCells,
+    finalize_shards,
+    length_histogram,
+    write_hf_layout,
+)
 from cellfoundry.genes import (
     GeneformerDictionaries,
     build_vocabulary,
@@ -153,7 +158,7 @@ def tokenized_stage(cfg: CorpusConfig, out: Path, cells: Path, vocab: Path) -> P
             )
             .write_parquet(str(w.dir), min_rows_per_file=cfg.tokenize.shard_rows)
         )
-        shards = sorted(w.dir.glob("*.parquet"))
+        shards = finalize_shards(w.dir)
         lengths = pl.scan_parquet([str(s) for s in shards]).select("length").collect()["length"].to_numpy()
         hf = write_hf_layout(shards, w.dir / "hf")
         w.counts = {"cells": len(lengths), "tokens": int(lengths.sum()), "shards": len(shards)}
@@ -164,5 +169,5 @@ def tokenized_stage(cfg: CorpusConfig, out: Path, cells: Path, vocab: Path) -> P
 
 _CELL_FIELDS = {
     "cell_id", "dataset_id", "order", "gene_ids", "counts", "n_counts", "n_genes",
-    "n_pc_genes", "pct_mito", "content_hash", "qc",
+    "n_pc_genes", "pct_mito", "content_hash", "dedup_key", "qc",
 }  # fmt: skip

@@ -132,22 +132,18 @@ def test_sketch_within_bound(seed: int) -> None:
     ok = ~np.isnan(expected)
     rel = np.abs(result.medians[ok] - expected[ok]) / expected[ok]
     assert (rel <= result.relative_error_bound * (1 + 1e-9)).all()
-    assert result.medians[1] == expected[1]  # one value: its bin's min == max
 
 
 def test_log_bins_exact_at_edges() -> None:
     edges = M.bin_edges(2048)
-    inner = edges[1:-1]
-    values = np.concatenate(
-        [
-            edges,
-            np.nextafter(inner, 0),
-            np.nextafter(inner, np.inf),
-            [1e-9, 5e-4, 2e4, 1e9],
-            np.random.default_rng(0).lognormal(0, 4, 20_000),
-        ]
-    )
-    expected = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, 2047)
+    assert edges.size == 2048 + 26 and (np.diff(edges) > 0).all()
+    inner = edges[1:-1]  # every positive value has a bin: [0, 1e-16) ... [1e14, inf)
+    values = np.concatenate([
+        inner, np.nextafter(inner, 0), np.nextafter(inner, np.inf),
+        [5e-324, 1e-20, 5e-16, 1e-9, 5e-4, 2e4, 1e9, 5e13, 5e14, 1e300],
+        np.random.default_rng(0).lognormal(0, 4, 20_000),
+    ])  # fmt: skip
+    expected = np.searchsorted(edges, values, side="right") - 1
     assert np.array_equal(M.log_bins(values, edges), expected)
 
 
@@ -218,3 +214,26 @@ def test_medians_to_table(cells: pa.Table) -> None:
     assert table["method"][0].as_py() == "sketch" and table["ensembl_id"][3].as_py() == ids[3]
     with pytest.raises(ValueError, match="ensembl_ids"):
         M.medians_to_table(result, ids[:-1])
+
+
+def test_outer_bins() -> None:
+    """Medians far outside [1e-3, 1e4] (a decade bin, and the unbounded top bin) stay exact;
+    the sketch's bound widens to the outer bin it used."""
+    rng = np.random.default_rng(5)
+    n = 400  # gene 0: values ~5e-5 (n ~ 1e9); gene 1: ~1e16 (int64 counts ~1e12, n = 1)
+    c0, c1 = rng.integers(1, 9, n), rng.integers(10**11, 10**13, n)
+    n0 = np.where(np.arange(n) % 2, 10**9, 10**9 + 7)
+    table = pa.table({
+        "gene_ids": pa.array([[0]] * n + [[1]] * n, pa.list_(pa.int32())),
+        "counts": pa.array([[c] for c in np.r_[c0, c1].tolist()], pa.list_(pa.int64())),
+        "n_counts": np.r_[n0, np.ones(n, np.int64)],
+    })  # fmt: skip
+    expected = np.array([np.median(c0 / n0 * 10000.0), np.median(c1 / 1 * 10000.0)])
+    assert expected[0] < 1e-4 and expected[1] > 1e14
+    for max_values in (200_000, 3):
+        result = M.compute_medians([table], 2, max_values_per_gene=max_values)
+        assert result.medians.tobytes() == expected.tobytes()
+    sketch = M.compute_medians([table.slice(0, n)], 2, method="sketch")
+    assert 1 < sketch.relative_error_bound < 10  # a decade bin
+    assert abs(sketch.medians[0] / expected[0] - 1) <= sketch.relative_error_bound
+    assert M.compute_medians([table], 2, method="sketch").relative_error_bound > 1e100

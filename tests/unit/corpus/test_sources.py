@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from source_writers import with_antibodies, write_10x_h5, write_10x_mtx, write_loom
 
 from cellfoundry.corpus import readers_h5
 from cellfoundry.corpus.sources import (
@@ -28,6 +27,7 @@ from cellfoundry.corpus.sources import (
     read_chunk,
 )
 from cellfoundry.paths import shared_path
+from support.source_writers import with_antibodies, write_10x_h5, write_10x_mtx, write_loom
 
 H5AD = shared_path("data", "h5ad")
 PBMC_FACS = H5AD / "pbmc_facs_zheng2017_3874cells.h5ad"
