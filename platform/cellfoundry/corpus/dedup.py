@@ -33,7 +33,7 @@ def identity(
     union = np.union1d(ga, gb)
     if len(union) == 0:
         return 0.0
-    common, ia, ib = np.intersect1d(ga, gb, assume_unique=True, return_indices=True)
+    _, ia, ib = np.intersect1d(ga, gb, assume_unique=True, return_indices=True)
     return float(np.sum(ca[ia] == cb[ib])) / len(union)
 
 

@@ -101,17 +101,21 @@ def probe_dataset(
     missing = [src for src in entry.metadata.values() if src not in info.obs_columns]
     if missing:
         raise sources.SourceError(
-            f"{entry.uri}: obs column(s) {missing} named in the catalog's metadata for dataset "
-            f"{entry.id!r} do not exist; available: {sorted(info.obs_columns)[:40]}; fix the "
-            "catalog's metadata mapping"
+            entry.uri,
+            "obs",
+            f"column(s) {missing} named in the catalog's metadata for dataset {entry.id!r} do not "
+            f"exist (available: {sorted(info.obs_columns)[:40]})",
+            "correct the dataset's metadata mapping in the catalog",
         )
     mapping = table.map_genes(info.gene_names, kind=info.gene_id_kind)
     col_map = genes.lookup(mapping.ensembl_ids)
     if not (col_map >= 0).any():
         raise sources.SourceError(
-            f"{entry.uri}: none of the {info.n_genes} gene identifiers (e.g. {info.gene_names[:3]}) "
-            "maps to an Ensembl ID of the gene table; set gene_id_column in the catalog to the "
-            "var column holding Ensembl IDs or symbols"
+            entry.uri,
+            "var",
+            f"none of the {info.n_genes} gene identifiers (e.g. {info.gene_names[:3]}) maps to an "
+            "Ensembl ID of the gene table",
+            "set gene_id_column in the catalog to the var column holding Ensembl IDs or symbols",
         )
     signature = json.dumps(
         [entry.to_row(), info.format, _file_signature(entry.uri), rows_per_chunk, salt, INGEST_VERSION],

@@ -75,7 +75,8 @@ def _probe_all(
             cause = exc.as_instanceof_cause()
             reason = str(cause.args[0]) if getattr(cause, "args", None) else str(cause)
             logger.error("quarantined dataset %s: %s", e.id, reason)
-            quarantined[e.id] = {"reason": reason, "n_cells": 0}
+            n_cells = sources.count_cells(e.uri, e.format, matrix=e.matrix) or 0
+            quarantined[e.id] = {"reason": reason, "n_cells": n_cells}
     return probed, quarantined
 
 
@@ -214,7 +215,7 @@ def _reconcile(data_dir: Path, entries: list[cat.DatasetEntry], status: dict[str
     rows = []
     for e in entries:
         st = status.get(e.id, {"status": "missing"})
-        n = probed[e.id].n_cells if e.id in probed else 0
+        n = probed[e.id].n_cells if e.id in probed else int(st.get("n_cells", 0))
         cells_in += n
         if st["status"] == "read":
             for r in per.filter(pl.col("dataset_id") == e.id).iter_rows(named=True):

@@ -190,9 +190,10 @@ def tokenize_files(
             col_map, report = dg.column_map(info.gene_names, info.gene_id_kind, table)
             if report["n_in_vocabulary"] == 0:
                 raise sources.SourceError(
-                    f"{uri}: none of its {info.n_genes} genes (e.g. {info.gene_names[:3]}) is in the "
-                    f"{mode} vocabulary; add var['ensembl_id'] with Ensembl gene IDs"
-                )
+                    uri, "var",
+                    f"none of its {info.n_genes} genes (e.g. {info.gene_names[:3]}) is in the {mode} vocabulary",
+                    "add var['ensembl_id'] with Ensembl gene IDs",
+                )  # fmt: skip
         except (sources.SourceError, ValueError, OSError) as exc:
             logger.error("skipping %s: %s", uri, exc)
             quarantined[uri] = str(exc)
