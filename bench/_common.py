@@ -157,6 +157,9 @@ class MemorySampler:
         }
         self.max_workers = 0
         self.samples = 0
+        #: label of what runs now (set it around a phase); peaks are also kept per phase
+        self.phase = ""
+        self.by_phase: dict[str, dict[str, float]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
 
@@ -167,7 +170,7 @@ class MemorySampler:
         except self._psutil.Error:
             return
         peak["driver_rss_mb"] = max(peak["driver_rss_mb"], driver)
-        total_rss, total_uss, n = driver, 0.0, 0
+        total_rss, total_uss, n, worker_max = driver, 0.0, 0, 0.0
         for proc in self.me.children(recursive=True):
             try:
                 rss = proc.memory_info().rss / _MB
@@ -175,6 +178,7 @@ class MemorySampler:
                 if not _is_ray_worker(proc):
                     continue
                 n += 1
+                worker_max = max(worker_max, rss)
                 peak["worker_rss_mb"] = max(peak["worker_rss_mb"], rss)
                 if self.uss:
                     uss = proc.memory_full_info().uss / _MB
@@ -186,6 +190,10 @@ class MemorySampler:
         peak["all_rss_mb"] = max(peak["all_rss_mb"], total_rss)
         self.max_workers = max(self.max_workers, n)
         self.samples += 1
+        if self.phase:
+            ph = self.by_phase.setdefault(self.phase, {"worker_rss_mb": 0.0, "driver_rss_mb": 0.0})
+            ph["worker_rss_mb"] = max(ph["worker_rss_mb"], worker_max)
+            ph["driver_rss_mb"] = max(ph["driver_rss_mb"], driver)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -201,9 +209,22 @@ class MemorySampler:
         self._thread.join()
         self._sample()
 
+    @contextmanager
+    def in_phase(self, label: str) -> Iterator[None]:
+        """Attribute samples taken inside the block to ``label`` (nesting restores the outer)."""
+        outer, self.phase = self.phase, label
+        try:
+            yield
+        finally:
+            self.phase = outer
+
     def result(self) -> dict[str, float]:
         """Peaks in MB (``driver_rss_mb``, ``worker_rss_mb``, ``worker_uss_mb``, ...)."""
         return {**{k: round(v, 1) for k, v in self.peak.items()}, "max_workers": self.max_workers}
+
+    def phase_result(self) -> dict[str, dict[str, float]]:
+        """Peak worker and driver RSS (MB) per phase label."""
+        return {p: {k: round(v, 1) for k, v in d.items()} for p, d in self.by_phase.items()}
 
 
 def format_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:

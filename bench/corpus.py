@@ -29,6 +29,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -37,10 +38,12 @@ from typing import Any
 
 from _common import (
     OUT_DIR,
+    RESULTS_DIR,
     MemorySampler,
     command_line,
     device_string,
     format_table,
+    n_cores,
     timed,
     write_results,
 )
@@ -277,8 +280,9 @@ def bench_encoding(path: Path, n_cells: int, repeats: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def _wrap_timers(timings: dict[str, float]) -> None:
-    """Time run_corpus's sub-stages by wrapping the module functions it calls (if they exist)."""
+def _wrap_stages(timings: dict[str, float], mem: MemorySampler) -> None:
+    """Time run_corpus's sub-stages (and attribute memory to them) by wrapping the module
+    functions it calls; names that no longer exist are skipped."""
     from cellfoundry.corpus import dedup, pipeline, vocab_stage
 
     targets = [
@@ -299,7 +303,8 @@ def _wrap_timers(timings: dict[str, float]) -> None:
         def wrapper(*a: Any, _fn: Any = fn, _label: str = label, **k: Any) -> Any:
             start = time.perf_counter()
             try:
-                return _fn(*a, **k)
+                with mem.in_phase(_label):
+                    return _fn(*a, **k)
             finally:
                 timings[_label] = timings.get(_label, 0.0) + time.perf_counter() - start
 
@@ -308,6 +313,9 @@ def _wrap_timers(timings: dict[str, float]) -> None:
 
 def worker_run(args: argparse.Namespace) -> int:
     """``--worker-run``: one run_corpus with a fresh local cluster; writes ``--result`` JSON."""
+    if args.pin_cores:
+        # Every process of the cluster (raylet, workers) inherits this affinity.
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.pin_cores])
     import ray
 
     from cellfoundry.config import CorpusJobConfig, parse_config
@@ -332,8 +340,8 @@ def worker_run(args: argparse.Namespace) -> int:
             f"{cfg.corpus.output_dir} exists: a benchmark run needs a fresh output dir"
         )
     timings: dict[str, float] = {}
-    _wrap_timers(timings)
     with MemorySampler(interval=0.2) as mem:
+        _wrap_stages(timings, mem)
         with timed() as t_init:
             runtime.init_ray(cfg.ray)
             runtime.configure_data_context()
@@ -342,28 +350,28 @@ def worker_run(args: argparse.Namespace) -> int:
             result = run_corpus(cfg.corpus)
     ray.shutdown()
     counts = result.counts
-    Path(args.result).write_text(
-        json.dumps(
-            {
-                "num_cpus": args.num_cpus,
-                "init_s": t_init["s"],
-                "stage_s": t_stage["s"],
-                "cells_in": counts["cells_in"],
-                "passed": counts["passed"],
-                "duplicates": counts["duplicates"],
-                "tokenized": counts["tokenized"]["cells"],
-                "substages_s": timings,
-                "memory": mem.result(),
-                "samples": mem.samples,
-            },
-            indent=2,
-        )
-    )
+    doc = {
+        "num_cpus": args.num_cpus,
+        "cores": args.pin_cores or n_cores(),
+        "init_s": t_init["s"],
+        "stage_s": t_stage["s"],
+        "cells_in": counts["cells_in"],
+        "passed": counts["passed"],
+        "duplicates": counts["duplicates"],
+        "tokenized": counts["tokenized"]["cells"],
+        "substages_s": timings,
+        "memory": mem.result(),
+        "memory_by_substage": mem.phase_result(),
+        "samples": mem.samples,
+    }
+    Path(args.result).write_text(json.dumps(doc, indent=2))
     return 0
 
 
-def stage_run(label: str, files: list[Path], num_cpus: int, keep: bool) -> dict[str, Any]:
-    """Run the whole stage in a subprocess; returns its result JSON (raises with the log tail)."""
+def stage_run(
+    label: str, files: list[Path], num_cpus: int, *, pin_cores: int = 0, timeout: float, keep: bool
+) -> dict[str, Any] | None:
+    """Run the whole stage in a subprocess; its result JSON, or None when it ran past ``timeout``."""
     run_dir = RUNS_DIR / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True)
     catalog = write_catalog(files, run_dir / "catalog.yaml")
@@ -373,19 +381,28 @@ def stage_run(label: str, files: list[Path], num_cpus: int, keep: bool) -> dict[
         sys.executable, str(Path(__file__).resolve()), "--worker-run",
         "--catalog", str(catalog), "--output", str(run_dir / "artifacts"),
         "--num-cpus", str(num_cpus), "--object-store", str(OBJECT_STORE_BYTES),
-        "--result", str(result),
+        "--pin-cores", str(pin_cores), "--result", str(result),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with log.open("w") as fh, timed() as t:
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, check=False)
-    if proc.returncode != 0 or not result.exists():
-        tail = "\n".join(log.read_text().splitlines()[-40:])
-        raise RuntimeError(f"stage run {label} failed (rc {proc.returncode}); log {log}:\n{tail}")
-    out = json.loads(result.read_text())
-    out["process_s"] = t["s"]
-    if not keep:
-        shutil.rmtree(run_dir / "artifacts", ignore_errors=True)
-    return out
+    try:
+        with log.open("w") as fh:
+            proc = subprocess.Popen(
+                cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+            try:
+                rc = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGTERM)  # the run's driver and its raylet
+                proc.wait()
+                print(f"  {label}: no result after {timeout:.0f} s; stopped (log {log})")
+                return None
+        if rc != 0 or not result.exists():
+            tail = "\n".join(log.read_text().splitlines()[-40:])
+            raise RuntimeError(f"stage run {label} failed (rc {rc}); log {log}:\n{tail}")
+        return json.loads(result.read_text())
+    finally:
+        if not keep:
+            shutil.rmtree(run_dir / "artifacts", ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,7 +414,7 @@ def size_label(n: int) -> str:
     return f"{round(n / 1000)}k" if n >= 1000 else str(n)
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -408,11 +425,25 @@ def main() -> int:
     )
     p.add_argument("--repeats", type=int, default=3, help="timings per encoding method (median)")
     p.add_argument(
-        "--quick",
-        action="store_true",
-        help="fewer encoding cells and repeats; results to bench/out",
+        "--quick", action="store_true", help="fewer encoding cells, 1 repeat; results to bench/out"
     )
     p.add_argument("--skip-stage", action="store_true", help="encoding comparison only")
+    p.add_argument(
+        "--scaling",
+        choices=["small", "full"],
+        default="small",
+        help="corpus size of the 1- vs 2-core comparison: the quarter corpus (default) or all of it",
+    )
+    p.add_argument(
+        "--one-core",
+        choices=["pin", "ray"],
+        default="pin",
+        help="1-core run: a num_cpus=2 cluster pinned to one core (default), or num_cpus=1 "
+        "(hangs with the current library: an actor pool holds the only CPU)",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=1800, help="seconds before a stage run is stopped"
+    )
     p.add_argument(
         "--keep", action="store_true", help="keep the stage runs' artifacts under bench/out/runs"
     )
@@ -421,36 +452,26 @@ def main() -> int:
         p.add_argument(name, help=argparse.SUPPRESS)
     p.add_argument("--num-cpus", type=int, help=argparse.SUPPRESS)
     p.add_argument("--object-store", type=int, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.worker_run:
-        return worker_run(args)
-    if args.quick:
-        args.encode_cells = min(args.encode_cells, 4096)
-        args.repeats = 1
-    command = command_line()
-    print(f"device: {device_string()}")
-    print(
-        f"corpus: {args.cells:,} cells in {args.files} files resampled from {SOURCE}, counts thinned (Binomial(c, {THIN_P}))"
-    )
-    with timed() as t:
-        files = ensure_corpus(args.cells, args.files)
-    print(f"  corpus ready ({t['s']:.1f} s): {CORPUS_DIR}")
+    p.add_argument("--pin-cores", type=int, default=0, help=argparse.SUPPRESS)
+    return p.parse_args()
 
-    m: dict[str, Any] = {}
-    print(f"encoding: {args.encode_cells:,} cells of file 0, 1 process, median of {args.repeats}")
-    e = bench_encoding(files[0], args.encode_cells, args.repeats)
+
+def encoding_metrics(e: dict[str, Any]) -> dict[str, Any]:
     n = e["cells"]
-    m["encode.cells"] = n
-    m["encode.genes_per_cell"] = round(e["genes_per_cell"], 1)
-    m["encode.cells_per_s_per_core"] = round(n / e["encode_s"], 1)
-    m["encode.with_remap.cells_per_s_per_core"] = round(n / e["remap_encode_s"], 1)
-    m["reference.cells_per_s_per_core"] = round(n / e["reference_s"], 1)
-    m["encode.speedup"] = round(e["reference_s"] / e["encode_s"], 2)
-    m["encode.with_remap.speedup"] = round(e["reference_s"] / e["remap_encode_s"], 2)
-    m["encode.cells_no_ties"] = e["cells_no_ties"]
-    m["encode.identical_no_ties"] = e["identical_no_ties"]
-    m["encode.cells_with_ties"] = e["cells_with_ties"]
-    m["encode.identical_with_ties"] = e["identical_with_ties"]
+    m: dict[str, Any] = {
+        "encode.cells": n,
+        "encode.genes_per_cell": round(e["genes_per_cell"], 1),
+        "encode.batch_cells": ENCODE_BATCH,
+        "encode.cells_per_s_per_core": round(n / e["encode_s"], 1),
+        "encode.with_remap.cells_per_s_per_core": round(n / e["remap_encode_s"], 1),
+        "reference.cells_per_s_per_core": round(n / e["reference_s"], 1),
+        "encode.speedup": round(e["reference_s"] / e["encode_s"], 2),
+        "encode.with_remap.speedup": round(e["reference_s"] / e["remap_encode_s"], 2),
+        "encode.cells_no_ties": e["cells_no_ties"],
+        "encode.identical_no_ties": e["identical_no_ties"],
+        "encode.cells_with_ties": e["cells_with_ties"],
+        "encode.identical_with_ties": e["identical_with_ties"],
+    }
     print(
         format_table(
             [
@@ -472,111 +493,164 @@ def main() -> int:
     print(
         f"  identical tokens: {e['identical_no_ties']:,}/{e['cells_no_ties']:,} cells without ties; "
         f"{e['identical_with_ties']:,}/{e['cells_with_ties']:,} cells with tied scores "
-        f"(reference order of ties is arbitrary)"
+        "(the reference orders ties arbitrarily)"
     )
+    return m
+
+
+def stage_metrics(
+    res: dict[str, dict[str, Any] | None], args: argparse.Namespace, ref_rate: float
+) -> dict[str, Any]:
+    m: dict[str, Any] = {}
+    big, small, one = res["cpus2"], res["cpus2-small"], res["core1"]
+    assert big is not None and small is not None
+    two = big if args.scaling == "full" else small
+    for key, r in (("cpus2", big), ("cpus2.small", small), ("core1", one)):
+        if r is None:
+            continue
+        rate = r["cells_in"] / r["stage_s"]
+        m[f"stage.{key}.cells"] = r["cells_in"]
+        m[f"stage.{key}.wall_s"] = round(r["stage_s"], 1)
+        m[f"stage.{key}.cells_per_s"] = round(rate, 1)
+        m[f"stage.{key}.cells_per_s_per_core"] = round(rate / r["cores"], 1)
+        for sub, secs in r["substages_s"].items():
+            m[f"stage.{key}.{sub}_s"] = round(secs, 1)
+    m["stage.core1.method"] = (
+        "num_cpus=2 cluster pinned to 1 core" if args.one_core == "pin" else "num_cpus=1 cluster"
+    )
+    if one is None:
+        m["stage.core1.stopped_after_s"] = args.timeout
+    else:
+        m["stage.scaling_efficiency"] = round(
+            (two["cells_in"] / two["stage_s"]) / (2 * one["cells_in"] / one["stage_s"]), 3
+        )
+        m["stage.scaling_cells"] = one["cells_in"]
+    m["stage.ray_init_s"] = round(big["init_s"], 1)
+    m["stage.passed"] = big["passed"]
+    m["stage.duplicates"] = big["duplicates"]
+    m["stage.tokenized"] = big["tokenized"]
+    m["stage.cpus2.per_core_vs_reference_loop"] = round(
+        m["stage.cpus2.cells_per_s_per_core"] / ref_rate, 3
+    )
+    ls, lb = size_label(small["cells_in"]), size_label(big["cells_in"])
+    for r, lab in ((small, ls), (big, lb)):
+        m[f"stage.peak_worker_rss_mb.{lab}"] = r["memory"]["worker_rss_mb"]
+        m[f"stage.peak_worker_uss_mb.{lab}"] = r["memory"]["worker_uss_mb"]
+        m[f"stage.peak_driver_rss_mb.{lab}"] = r["memory"]["driver_rss_mb"]
+        m[f"stage.peak_all_processes_rss_mb.{lab}"] = r["memory"]["all_rss_mb"]
+        for sub, mm in r["memory_by_substage"].items():
+            m[f"stage.peak_worker_rss_mb.{lab}.{sub}"] = mm["worker_rss_mb"]
+    m["stage.peak_worker_rss_ratio"] = round(
+        big["memory"]["worker_rss_mb"] / small["memory"]["worker_rss_mb"], 3
+    )
+    if one is not None:
+        m["stage.peak_worker_rss_mb.core1"] = one["memory"]["worker_rss_mb"]
+    m["stage.object_store_bytes"] = OBJECT_STORE_BYTES
+    m["stage.rows_per_chunk"] = 4096
+
+    rows = []
+    for label in ("cpus2", "cpus2-small", "core1"):
+        r = res[label]
+        if r is None:
+            rows.append([label, "-", "-", "stopped", "-", "-", "-", "-", "-"])
+            continue
+        rate = r["cells_in"] / r["stage_s"]
+        rows.append([
+            label, r["cores"], r["cells_in"], round(r["stage_s"], 1), round(rate), round(rate / r["cores"]),
+            r["memory"]["worker_rss_mb"], r["memory"]["worker_uss_mb"], r["memory"]["driver_rss_mb"],
+        ])  # fmt: skip
+    header = [
+        "run",
+        "cores",
+        "cells",
+        "wall s",
+        "cells/s",
+        "cells/s/core",
+        "worker RSS MB",
+        "worker USS MB",
+        "driver RSS MB",
+    ]
+    print(format_table(rows, header))
+    labels = [lab for lab in ("cpus2", "cpus2-small", "core1") if res[lab] is not None]
+    subs = list(big["substages_s"])
+    print(
+        format_table(
+            [
+                [s, *(round(res[lab]["substages_s"].get(s, 0.0), 1) for lab in labels)]
+                + [
+                    res[lab]["memory_by_substage"].get(s, {}).get("worker_rss_mb", 0.0)
+                    for lab in ("cpus2-small", "cpus2")
+                ]
+                for s in subs
+            ],
+            [
+                "sub-stage",
+                *(f"{lab} s" for lab in labels),
+                f"worker RSS MB {ls}",
+                f"worker RSS MB {lb}",
+            ],
+        )
+    )
+    if "stage.scaling_efficiency" in m:
+        print(
+            f"  scaling 1 -> 2 cores ({size_label(one['cells_in'])} cells): efficiency {m['stage.scaling_efficiency']:.2f}"
+        )
+    print(
+        f"  peak worker RSS {ls} {m[f'stage.peak_worker_rss_mb.{ls}']:,.0f} MB vs "
+        f"{lb} {m[f'stage.peak_worker_rss_mb.{lb}']:,.0f} MB (ratio {m['stage.peak_worker_rss_ratio']})"
+    )
+    return m
+
+
+def main() -> int:
+    args = parse_args()
+    if args.worker_run:
+        return worker_run(args)
+    if args.quick:
+        args.encode_cells = min(args.encode_cells, 4096)
+        args.repeats = 1
+    command = command_line()
+    print(f"device: {device_string()}")
+    print(
+        f"corpus: {args.cells:,} cells in {args.files} files resampled from {SOURCE}, "
+        f"counts thinned (each count c -> Binomial(c, {THIN_P})) so no cell copies another"
+    )
+    with timed() as t:
+        files = ensure_corpus(args.cells, args.files)
+    print(f"  corpus ready ({t['s']:.1f} s): {CORPUS_DIR}")
+
+    print(f"encoding: {args.encode_cells:,} cells of file 0, 1 process, median of {args.repeats}")
+    e = bench_encoding(files[0], args.encode_cells, args.repeats)
+    m = encoding_metrics(e)
 
     if not args.skip_stage:
-        n_small_files = max(1, args.files // 4)
+        small = files[: max(1, args.files // 4)]
+        one_core = (2, 1) if args.one_core == "pin" else (1, 0)
         runs = [
-            ("cpus2", files, 2),
-            ("cpus1", files, 1),
-            ("cpus2-small", files[:n_small_files], 2),
+            ("cpus2", files, 2, 0),
+            ("cpus2-small", small, 2, 0),
+            ("core1", files if args.scaling == "full" else small, *one_core),
         ]
-        res: dict[str, dict[str, Any]] = {}
-        for label, fs, cpus in runs:
-            print(f"stage: {label} ({len(fs)} files) ...", flush=True)
-            r = stage_run(label, fs, cpus, args.keep)
-            res[label] = r
+        res: dict[str, dict[str, Any] | None] = {}
+        for label, fs, cpus, pin in runs:
             print(
-                f"  {r['cells_in']:,} cells in {r['stage_s']:.1f} s (+{r['init_s']:.1f} s ray.init): "
-                f"{r['cells_in'] / r['stage_s']:,.0f} cells/s; passed {r['passed']:,}, duplicates "
-                f"{r['duplicates']:,}, tokenized {r['tokenized']:,}; peak worker RSS "
-                f"{r['memory']['worker_rss_mb']:,.0f} MB, driver {r['memory']['driver_rss_mb']:,.0f} MB"
+                f"stage: {label} ({len(fs)} files, num_cpus={cpus}{f', pinned to {pin} core' if pin else ''}) ...",
+                flush=True,
             )
-        for label, key in (("cpus2", "cpus2"), ("cpus1", "cpus1")):
-            r = res[label]
-            rate = r["cells_in"] / r["stage_s"]
-            m[f"stage.{key}.cells"] = r["cells_in"]
-            m[f"stage.{key}.wall_s"] = round(r["stage_s"], 1)
-            m[f"stage.{key}.cells_per_s"] = round(rate, 1)
-            m[f"stage.{key}.cells_per_s_per_core"] = round(rate / r["num_cpus"], 1)
-            for sub, secs in r["substages_s"].items():
-                m[f"stage.{key}.{sub}_s"] = round(secs, 1)
-        m["stage.ray_init_s"] = round(res["cpus2"]["init_s"], 1)
-        m["stage.passed"] = res["cpus2"]["passed"]
-        m["stage.duplicates"] = res["cpus2"]["duplicates"]
-        m["stage.tokenized"] = res["cpus2"]["tokenized"]
-        m["stage.scaling_efficiency"] = round(
-            m["stage.cpus2.cells_per_s"] / (2 * m["stage.cpus1.cells_per_s"]), 3
-        )
-        m["stage.cpus2.per_core_vs_reference_loop"] = round(
-            m["stage.cpus2.cells_per_s_per_core"] / m["reference.cells_per_s_per_core"], 2
-        )
-        small, big = res["cpus2-small"], res["cpus2"]
-        ls, lb = size_label(small["cells_in"]), size_label(big["cells_in"])
-        m[f"stage.cpus2.{ls}.cells_per_s"] = round(small["cells_in"] / small["stage_s"], 1)
-        for r, lab in ((small, ls), (big, lb)):
-            m[f"stage.peak_worker_rss_mb.{lab}"] = r["memory"]["worker_rss_mb"]
-            m[f"stage.peak_worker_uss_mb.{lab}"] = r["memory"]["worker_uss_mb"]
-            m[f"stage.peak_driver_rss_mb.{lab}"] = r["memory"]["driver_rss_mb"]
-        m["stage.peak_worker_rss_mb.cpus1"] = res["cpus1"]["memory"]["worker_rss_mb"]
-        m["stage.peak_worker_rss_ratio"] = round(
-            big["memory"]["worker_rss_mb"] / small["memory"]["worker_rss_mb"], 3
-        )
-        m["stage.object_store_bytes"] = OBJECT_STORE_BYTES
+            r = stage_run(label, fs, cpus, pin_cores=pin, timeout=args.timeout, keep=args.keep)
+            res[label] = r
+            if r is not None:
+                print(
+                    f"  {r['cells_in']:,} cells in {r['stage_s']:.1f} s (+{r['init_s']:.1f} s ray.init): "
+                    f"{r['cells_in'] / r['stage_s']:,.0f} cells/s; passed {r['passed']:,}, duplicates "
+                    f"{r['duplicates']:,}, tokenized {r['tokenized']:,}"
+                )
+        if res["cpus2"] is None or res["cpus2-small"] is None:
+            raise SystemExit("a 2-CPU stage run did not finish; see its log")
+        m.update(stage_metrics(res, args, m["reference.cells_per_s_per_core"]))
 
-        rows = []
-        for label in ("cpus2", "cpus1", "cpus2-small"):
-            r = res[label]
-            rate = r["cells_in"] / r["stage_s"]
-            rows.append([
-                label, r["num_cpus"], r["cells_in"], round(r["stage_s"], 1), round(rate), round(rate / r["num_cpus"]),
-                r["memory"]["worker_rss_mb"], r["memory"]["worker_uss_mb"], r["memory"]["driver_rss_mb"],
-            ])  # fmt: skip
-        print(
-            format_table(
-                rows,
-                [
-                    "run",
-                    "cpus",
-                    "cells",
-                    "wall s",
-                    "cells/s",
-                    "cells/s/core",
-                    "worker RSS MB",
-                    "worker USS MB",
-                    "driver RSS MB",
-                ],
-            )
-        )
-        subs = sorted(
-            {k for r in res.values() for k in r["substages_s"]},
-            key=list(res["cpus2"]["substages_s"]).index,
-        )
-        print(
-            format_table(
-                [
-                    [
-                        s,
-                        *(
-                            round(res[lab]["substages_s"].get(s, 0.0), 1)
-                            for lab in ("cpus2", "cpus1")
-                        ),
-                    ]
-                    for s in subs
-                ],
-                ["sub-stage (s)", "cpus2", "cpus1"],
-            )
-        )
-        print(
-            f"  scaling 1 -> 2 CPUs: efficiency {m['stage.scaling_efficiency']:.2f}; peak worker RSS "
-            f"{ls} {m[f'stage.peak_worker_rss_mb.{ls}']:,.0f} MB vs {lb} {m[f'stage.peak_worker_rss_mb.{lb}']:,.0f} MB"
-        )
-
-    results_dir = OUT_DIR / "results" if args.quick else None
-    path = write_results(
-        "corpus", m, command=command, **({"results_dir": results_dir} if results_dir else {})
-    )
+    results_dir = OUT_DIR / "results" if args.quick else RESULTS_DIR
+    path = write_results("corpus", m, command=command, results_dir=results_dir)
     print(f"wrote {path}")
     return 0
 
