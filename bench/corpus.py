@@ -240,12 +240,13 @@ def bench_encoding(path: Path, n_cells: int, repeats: int) -> dict[str, Any]:
 
     # Agreement: identical tokens wherever the cell's scores hold no ties.
     ours = [tok[off[i] : off[i + 1]] for off, tok in encoded for i in range(len(off) - 1)]
-    x_norm = sp.csr_matrix(
-        x_ref[:, coding_loc] / n_counts[:, None] * TARGET_SUM / norm_factor_vector
-    )
+    # The reference's scores, computed sparsely (same operations in the same order).
+    xs = sp.csr_matrix(x_ref[:, coding_loc])
+    row_of = np.repeat(np.arange(n_cells), np.diff(xs.indptr))
+    scores_all = xs.data / n_counts[row_of] * TARGET_SUM / norm_factor_vector[xs.indices]
     no_ties = identical_no_ties = identical_ties = 0
     for i in range(n_cells):
-        scores = x_norm[i].data
+        scores = scores_all[xs.indptr[i] : xs.indptr[i + 1]]
         tied = len(np.unique(scores)) < len(scores)
         same = np.array_equal(ours[i], reference[i])
         if tied:
@@ -610,7 +611,10 @@ def main() -> int:
         args.encode_cells = min(args.encode_cells, 4096)
         args.repeats = 1
     command = command_line()
-    print(f"device: {device_string()}")
+    load_start = os.getloadavg()[0]
+    print(
+        f"device: {device_string()}; load average {load_start:.1f} (other processes share the cores)"
+    )
     print(
         f"corpus: {args.cells:,} cells in {args.files} files resampled from {SOURCE}, "
         f"counts thinned (each count c -> Binomial(c, {THIN_P})) so no cell copies another"
@@ -649,6 +653,9 @@ def main() -> int:
             raise SystemExit("a 2-CPU stage run did not finish; see its log")
         m.update(stage_metrics(res, args, m["reference.cells_per_s_per_core"]))
 
+    # Other processes on the machine slow every figure down; the load average says how much.
+    m["host.loadavg_1m_start"] = round(load_start, 2)
+    m["host.loadavg_1m_end"] = round(os.getloadavg()[0], 2)
     results_dir = OUT_DIR / "results" if args.quick else RESULTS_DIR
     path = write_results("corpus", m, command=command, results_dir=results_dir)
     print(f"wrote {path}")

@@ -88,8 +88,6 @@ class TokenizeConfig:
     corpus's own medians and vocabulary, e.g. ../shared/geneformer/v2."""
     model_input_size: int | None = None
     """Tokens per cell including special tokens (default 4,096 for v2, 2,048 for v1)."""
-    shard_rows: int = 50_000
-    """Target rows per output shard."""
 
     def __post_init__(self) -> None:
         if self.dictionaries is not None:
@@ -98,8 +96,6 @@ class TokenizeConfig:
             self.model_input_size = 4096 if self.mode == "v2" else 2048
         if self.model_input_size < (3 if self.mode == "v2" else 1):
             raise ValueError("tokenize.model_input_size is too small to hold any gene")
-        if self.shard_rows < 1:
-            raise ValueError("tokenize.shard_rows must be >= 1")
 
     @property
     def max_genes(self) -> int:
@@ -120,7 +116,8 @@ class CorpusConfig:
     """Gene table (Ensembl ID, symbol, biotype, HGNC previous/alias symbols); default:
     ../shared/data/genes/human_genes_ensembl_hgnc.tsv.gz."""
     rows_per_chunk: int = 4096
-    """Cells per read task (one Ray task per file chunk)."""
+    """Cells per read task (one Ray task per file chunk); each chunk becomes one Parquet
+    file of the cells and tokenized artifacts, so this is also the shard size."""
     qc: QCConfig = field(default_factory=QCConfig)
     medians: MediansConfig = field(default_factory=MediansConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)

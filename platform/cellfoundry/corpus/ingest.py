@@ -11,18 +11,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from cellfoundry.corpus import sources
 from cellfoundry.corpus.catalog import DatasetEntry
 from cellfoundry.corpus.cells import GeneFlags, chunk_to_cells
+from cellfoundry.corpus.filemap import PerItem, resolve, write_table_atomic
 from cellfoundry.genes import GeneTable
 
 logger = logging.getLogger(__name__)
@@ -147,19 +146,17 @@ def _moments(x: np.ndarray) -> list[float]:
     return [float(len(x)), mean, float(np.sum((x - mean) ** 2))]
 
 
-class IngestChunks:
-    """Ray Data UDF: one row per chunk in, one stats row per chunk out (parts on disk)."""
+class IngestChunks(PerItem):
+    """Ray Data UDF: one chunk in, one cell part on disk and a stats row out."""
 
-    def __init__(self, plan: dict[str, Any]) -> None:
-        import ray
+    def __init__(self, plan: Any) -> None:
+        self.plan: dict[str, Any] = resolve(plan)
 
-        self.plan = ray.get(plan) if isinstance(plan, ray.ObjectRef) else plan
-
-    def _one(self, item: dict[str, Any]) -> dict[str, Any]:
+    def process(self, item: dict[str, Any]) -> dict[str, Any]:
         ds_id, start, stop = str(item["dataset_id"]), int(item["start"]), int(item["stop"])
         out = Path(item["part_dir"]) / f"part-{start:012d}.parquet"
         stats_file = out.with_suffix(".json")
-        if out.exists() and stats_file.exists():
+        if out.exists() and stats_file.exists():  # finished by an earlier run
             return json.loads(stats_file.read_text())
         p = self.plan[ds_id]
         entry: DatasetEntry = p["entry"]
@@ -168,8 +165,9 @@ class IngestChunks:
                 entry.uri, p["format"], start, stop,
                 obs_columns=list(entry.metadata.values()), matrix=entry.matrix,
             )  # fmt: skip
-            metadata = {out_name: chunk.obs[src] for out_name, src in entry.metadata.items()}
-            metadata = {name: metadata.get(name, np.full(stop - start, "", dtype=object)) for name in p["metadata_columns"]}
+            given = {out_name: chunk.obs[src] for out_name, src in entry.metadata.items()}
+            blank = np.full(stop - start, "", dtype=object)
+            metadata = {name: given.get(name, blank) for name in p["metadata_columns"]}
             metadata["organ_major"] = np.full(stop - start, entry.organ, dtype=object)
             table = chunk_to_cells(
                 dataset_id=ds_id, dataset_index=p["index"], start=start, barcodes=chunk.barcodes,
@@ -179,10 +177,7 @@ class IngestChunks:
         except (sources.SourceError, ValueError, OSError) as exc:
             logger.error("dataset %s, cells %d-%d: %s", ds_id, start, stop, exc)
             return {"dataset_id": ds_id, "start": start, "n_cells": 0, "error": str(exc)}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(f".tmp-{os.getpid()}")
-        pq.write_table(table, tmp)
-        os.replace(tmp, out)
+        write_table_atomic(table, out)
         stats = {
             "dataset_id": ds_id,
             "start": start,
@@ -193,10 +188,6 @@ class IngestChunks:
         }
         stats_file.write_text(json.dumps(stats))
         return stats
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = [self._one({k: v[i] for k, v in batch.items()}) for i in range(len(batch["dataset_id"]))]
-        return {"stats": np.array([json.dumps(r) for r in rows], dtype=object)}
 
 
 def merge_moments(parts: list[list[float]]) -> tuple[int, float, float]:

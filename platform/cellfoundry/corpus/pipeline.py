@@ -17,8 +17,8 @@ from cellfoundry import artifacts
 from cellfoundry.config.schema import CorpusConfig
 from cellfoundry.corpus import catalog as cat
 from cellfoundry.corpus import dedup, ingest, qc, sources, vocab_stage
+from cellfoundry.corpus.filemap import part_name, run_per_item
 from cellfoundry.corpus.ingest import GeneIndex, ProbedDataset
-from cellfoundry.corpus.tokenized import finalize_shards
 from cellfoundry.genes import GeneTable
 
 logger = logging.getLogger(__name__)
@@ -81,8 +81,6 @@ def _probe_all(
 
 
 def _ingest(probed: list[ProbedDataset], work: Path, genes: GeneIndex, metadata_columns: list[str]) -> list[dict[str, Any]]:
-    import ray
-
     plan = {
         p.entry.id: {
             "entry": p.entry, "index": p.index, "col_map": p.col_map, "n_genes": len(genes),
@@ -95,22 +93,10 @@ def _ingest(probed: list[ProbedDataset], work: Path, genes: GeneIndex, metadata_
         for p in probed
         for s, t in p.chunks
     ]
-    if not items:
-        return []
-    import json
-
-    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 200)).map_batches(
-        ingest.IngestChunks,
-        fn_constructor_kwargs={"plan": ray.put(plan)},
-        batch_size=1,
-        concurrency=(1, max(1, int(ray.cluster_resources().get("CPU", 1)))),
-        num_cpus=1,
-    )
-    return [json.loads(r["stats"]) for r in ds.take_all()]
+    return run_per_item(items, ingest.IngestChunks, plan=plan)
 
 
 def _cells_stage(cfg: CorpusConfig, out: Path, catalog_path: Path, entries: list[cat.DatasetEntry]) -> Path:
-    import ray
 
     path, work = out / "cells", out / "_work"
     table = GeneTable.load(cfg.gene_table)
@@ -161,7 +147,8 @@ def _cells_stage(cfg: CorpusConfig, out: Path, catalog_path: Path, entries: list
         )
         dataset_status[p.entry.id] = {"status": "read", "thresholds": thresholds[p.entry.id].to_dict(), "genes": p.gene_report}
         _drop_stale_parts(work, p)
-    files = [str(f) for p in good for f in sorted(ingest.part_dir(work, p).glob("part-*.parquet"))]
+    parts = [(p, f) for p in good for f in sorted(ingest.part_dir(work, p).glob("part-*.parquet"))]
+    files = [str(f) for _, f in parts]
     duplicates: tuple[np.ndarray, np.ndarray] = (np.zeros(0, np.int64), np.zeros(0, np.int64))
     if cfg.qc.deduplicate_cells:
         panels = {p.entry.id: np.bincount(p.col_map[p.col_map >= 0], minlength=len(genes)) > 0 for p in good}
@@ -175,19 +162,13 @@ def _cells_stage(cfg: CorpusConfig, out: Path, catalog_path: Path, entries: list
             "symbol": genes.symbols, "biotype": genes.biotypes, "chromosome": genes.chromosomes,
         })  # fmt: skip
         pq.write_table(genes_table, w.dir / "genes.parquet")
-        if files:
-            (
-                ray.data.read_parquet(files)
-                .map_batches(
-                    qc.AssignQC,
-                    batch_format="pyarrow",
-                    fn_constructor_kwargs={"thresholds": ray.put(thresholds), "duplicate_orders": ray.put(duplicates[0])},
-                    concurrency=(1, max(1, int(ray.cluster_resources().get("CPU", 1)))),
-                )
-                .write_parquet(str(w.dir / "data"), min_rows_per_file=cfg.tokenize.shard_rows)
-            )
-            finalize_shards(w.dir / "data")
-        w.counts = _reconcile(w.dir / "data", entries, dataset_status, by_id)
+        items = [
+            {"src": str(f), "dataset_id": p.entry.id,
+             "dst": str(w.dir / "data" / part_name(p.index, int(f.stem.split("-")[1])))}
+            for p, f in parts
+        ]  # fmt: skip
+        results = run_per_item(items, qc.AssignQCFiles, thresholds=thresholds, duplicate_orders=duplicates[0])
+        w.counts = _reconcile(results, entries, dataset_status, by_id)
         w.extra["datasets"] = dataset_status
         summary = w.counts.pop("_per_dataset")
         pl.DataFrame(summary).write_parquet(w.dir / "qc_summary.parquet")
@@ -202,13 +183,13 @@ def _drop_stale_parts(work: Path, p: ProbedDataset) -> None:
             shutil.rmtree(child, ignore_errors=True)
 
 
-def _reconcile(data_dir: Path, entries: list[cat.DatasetEntry], status: dict[str, dict[str, Any]], probed: dict[str, ProbedDataset]) -> dict[str, Any]:
+def _reconcile(results: list[dict[str, Any]], entries: list[cat.DatasetEntry], status: dict[str, dict[str, Any]], probed: dict[str, ProbedDataset]) -> dict[str, Any]:
     """Counts that add up: cells_in = passed + filtered + duplicates + quarantined."""
-    files = sorted(data_dir.glob("*.parquet"))
-    if files:
-        per = pl.scan_parquet([str(f) for f in files]).group_by(["dataset_id", "qc"]).len().collect()
-    else:
-        per = pl.DataFrame({"dataset_id": [], "qc": [], "len": []}, schema={"dataset_id": pl.String, "qc": pl.String, "len": pl.UInt32})
+    outcomes: dict[str, dict[str, int]] = {}
+    for r in results:
+        mine = outcomes.setdefault(r["dataset_id"], {})
+        for outcome, n in r["outcomes"].items():
+            mine[outcome] = mine.get(outcome, 0) + int(n)
     filtered: dict[str, int] = {}
     quarantined: dict[str, dict[str, Any]] = {}
     passed = duplicates = cells_in = 0
@@ -218,14 +199,14 @@ def _reconcile(data_dir: Path, entries: list[cat.DatasetEntry], status: dict[str
         n = probed[e.id].n_cells if e.id in probed else int(st.get("n_cells", 0))
         cells_in += n
         if st["status"] == "read":
-            for r in per.filter(pl.col("dataset_id") == e.id).iter_rows(named=True):
-                rows.append({"dataset_id": e.id, "outcome": r["qc"], "cells": int(r["len"])})
-                if r["qc"] == qc.PASSED:
-                    passed += int(r["len"])
-                elif r["qc"] == qc.DUPLICATE:
-                    duplicates += int(r["len"])
+            for outcome, k in sorted(outcomes.get(e.id, {}).items()):
+                rows.append({"dataset_id": e.id, "outcome": outcome, "cells": k})
+                if outcome == qc.PASSED:
+                    passed += k
+                elif outcome == qc.DUPLICATE:
+                    duplicates += k
                 else:
-                    filtered[r["qc"]] = filtered.get(r["qc"], 0) + int(r["len"])
+                    filtered[outcome] = filtered.get(outcome, 0) + k
         elif st["status"] == "duplicate_dataset":
             duplicates += n
             rows.append({"dataset_id": e.id, "outcome": "duplicate_dataset", "cells": n})

@@ -9,11 +9,15 @@ Thresholds are per dataset: mean +/- n_sd sample standard deviations over all of
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from cellfoundry.corpus.filemap import PerItem, resolve, write_table_atomic
 
 PASSED = "passed"
 DUPLICATE = "duplicate"
@@ -41,38 +45,41 @@ class Thresholds:
         return self.__dict__.copy()
 
 
-class AssignQC:
-    """Ray Data UDF: adds the ``qc`` column to cell rows."""
+def assign_outcomes(batch: pa.Table, thresholds: dict[str, Thresholds], duplicate_orders: np.ndarray) -> pa.Table:
+    """``batch`` with the ``qc`` column added (``duplicate_orders``: sorted int64 orders)."""
+    n = batch.num_rows
+    outcome = np.full(n, PASSED, dtype=object)
+    ds = batch["dataset_id"].to_numpy(zero_copy_only=False).astype(str)
+    n_counts = batch["n_counts"].to_numpy().astype(np.float64)
+    mito = batch["pct_mito"].to_numpy()
+    n_pc = batch["n_pc_genes"].to_numpy()
+    lo_c, hi_c, lo_m, hi_m, min_pc = (np.empty(n) for _ in range(5))
+    for name in np.unique(ds):
+        t = thresholds[name]
+        sel = ds == name
+        lo_c[sel], hi_c[sel], lo_m[sel], hi_m[sel] = t.counts_low, t.counts_high, t.mito_low, t.mito_high
+        min_pc[sel] = t.min_pc_genes
+    # Later assignments win, so apply the reasons from lowest to highest precedence.
+    outcome[(mito < lo_m) | (mito > hi_m)] = "mito_outlier"
+    outcome[(n_counts < lo_c) | (n_counts > hi_c)] = "total_counts_outlier"
+    outcome[n_pc < min_pc] = "low_protein_coding_genes"
+    if len(duplicate_orders):
+        outcome[np.isin(batch["order"].to_numpy(), duplicate_orders)] = DUPLICATE
+    return batch.append_column("qc", pa.array(outcome, type=pa.string()))
+
+
+class AssignQCFiles(PerItem):
+    """Ray Data UDF: an ingested part in, the same cells with ``qc`` out (file per part)."""
 
     def __init__(self, thresholds: Any, duplicate_orders: Any) -> None:
-        import ray
-
-        def resolve(x: Any) -> Any:
-            return ray.get(x) if isinstance(x, ray.ObjectRef) else x
-
         self.thresholds: dict[str, Thresholds] = resolve(thresholds)
-        self.duplicate_orders: np.ndarray = resolve(duplicate_orders)  # sorted int64
+        self.duplicate_orders: np.ndarray = resolve(duplicate_orders)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        n = batch.num_rows
-        outcome = np.full(n, PASSED, dtype=object)
-        ds = batch["dataset_id"].to_numpy(zero_copy_only=False).astype(str)
-        n_counts = batch["n_counts"].to_numpy().astype(np.float64)
-        mito = batch["pct_mito"].to_numpy()
-        n_pc = batch["n_pc_genes"].to_numpy()
-        lo_c, hi_c, lo_m, hi_m, min_pc = (np.empty(n) for _ in range(5))
-        for name in np.unique(ds):
-            t = self.thresholds[name]
-            sel = ds == name
-            lo_c[sel], hi_c[sel], lo_m[sel], hi_m[sel] = t.counts_low, t.counts_high, t.mito_low, t.mito_high
-            min_pc[sel] = t.min_pc_genes
-        # Later assignments win, so apply the reasons from lowest to highest precedence.
-        outcome[(mito < lo_m) | (mito > hi_m)] = "mito_outlier"
-        outcome[(n_counts < lo_c) | (n_counts > hi_c)] = "total_counts_outlier"
-        outcome[n_pc < min_pc] = "low_protein_coding_genes"
-        if len(self.duplicate_orders):
-            outcome[np.isin(batch["order"].to_numpy(), self.duplicate_orders)] = DUPLICATE
-        return batch.append_column("qc", pa.array(outcome, type=pa.string()))
+    def process(self, item: dict[str, Any]) -> dict[str, Any]:
+        table = assign_outcomes(pq.read_table(item["src"]), self.thresholds, self.duplicate_orders)
+        write_table_atomic(table, Path(item["dst"]))
+        outcomes, counts = np.unique(table["qc"].to_numpy(zero_copy_only=False).astype(str), return_counts=True)
+        return {"dataset_id": item["dataset_id"], "outcomes": dict(zip(outcomes.tolist(), counts.tolist(), strict=True))}
 
 
 def is_passed(batch: pa.Table) -> pa.Table:

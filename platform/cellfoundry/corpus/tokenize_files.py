@@ -10,26 +10,22 @@ when present, else the cell's total raw count over all genes of its file.
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from cellfoundry import artifacts
 from cellfoundry.corpus import sources
 from cellfoundry.corpus.cells import list_array, remap_csr
 from cellfoundry.corpus.encode import RankEncoder
+from cellfoundry.corpus.filemap import PerItem, part_name, resolve, run_per_item, write_table_atomic
 from cellfoundry.corpus.ingest import _file_signature
-from cellfoundry.corpus.tokenized import finalize_shards, length_histogram
+from cellfoundry.corpus.tokenized import length_histogram, merge_histograms
 from cellfoundry.genes import GeneformerDictionaries, GeneTable
 
 logger = logging.getLogger(__name__)
@@ -94,69 +90,40 @@ class DictionaryGenes:
         return col_map, report
 
 
-_EMPTY = pa.table({
-    "cell_id": pa.array([], pa.string()), "source": pa.array([], pa.string()),
-    "input_ids": pa.array([], pa.list_(pa.int32())), "length": pa.array([], pa.int64()),
-})  # fmt: skip
+class TokenizeChunks(PerItem):
+    """Ray Data UDF: one (file, cell range) in, one token shard out."""
 
+    def __init__(self, plan: Any, encoder: Any) -> None:
+        self.plan: dict[str, Any] = resolve(plan)
+        self.encoder: RankEncoder = resolve(encoder)
+        self.max_length = self.encoder.max_genes + (2 if self.encoder.special else 0)
 
-def _drop_failed_files(out: Path) -> dict[str, str]:
-    """Remove every row of a file that failed mid-read (rare), so no file is half-written."""
-    error_dir = out / "_errors"
-    if not error_dir.exists():
-        return {}
-    failed = {}
-    for f in sorted(error_dir.glob("*.json")):
-        rec = json.loads(f.read_text())
-        failed.setdefault(rec["uri"], rec["error"])
-    shutil.rmtree(error_dir)
-    bad = pa.array(sorted(failed), pa.string())
-    for shard in sorted(out.glob("*.parquet")):
-        t = pq.read_table(shard)
-        kept = t.filter(pc.invert(pc.is_in(t["source"], value_set=bad)))
-        if kept.num_rows != t.num_rows:
-            pq.write_table(kept, shard)
-    return failed
-
-
-class TokenizeChunks:
-    """Ray Data UDF: one (file, cell range) per row in, token rows out."""
-
-    def __init__(self, plan: Any, encoder: Any, error_dir: str) -> None:
-        import ray
-
-        self.plan: dict[str, Any] = ray.get(plan) if isinstance(plan, ray.ObjectRef) else plan
-        self.encoder: RankEncoder = ray.get(encoder) if isinstance(encoder, ray.ObjectRef) else encoder
-        self.error_dir = Path(error_dir)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        tables = [_EMPTY]
-        for uri, start, stop in zip(batch["uri"], batch["start"], batch["stop"], strict=True):
-            p = self.plan[str(uri)]
-            try:
-                chunk = sources.read_chunk(str(uri), p["format"], int(start), int(stop))
-            except (sources.SourceError, ValueError, OSError) as exc:
-                # One bad file must not take down the others: record it, emit nothing.
-                logger.error("%s, cells %d-%d: %s", uri, start, stop, exc)
-                self.error_dir.mkdir(parents=True, exist_ok=True)
-                (self.error_dir / f"{p['index']}-{start}.json").write_text(json.dumps({"uri": str(uri), "error": str(exc)}))
-                continue
-            if chunk.n_counts_obs is not None:
-                n_counts = chunk.n_counts_obs
-            else:
-                n_counts = np.zeros(len(chunk.indptr) - 1, dtype=np.float64)
-                nz = np.diff(chunk.indptr) > 0
-                if chunk.data.size:
-                    n_counts[nz] = np.add.reduceat(chunk.data.astype(np.float64), chunk.indptr[:-1][nz])
-            ptr, idx, cnt = remap_csr(chunk.indptr, chunk.indices, chunk.data, p["col_map"], len(self.encoder.token_ids))
-            offsets, tokens = self.encoder.encode(ptr, idx, cnt, n_counts)
-            tables.append(pa.table({
-                "cell_id": pa.array(chunk.barcodes.astype(str), pa.string()),
-                "source": pa.array([str(uri)] * len(chunk.barcodes), pa.string()),
-                "input_ids": list_array(offsets, tokens, pa.int32()),
-                "length": pa.array(np.diff(offsets), pa.int64()),
-            }))  # fmt: skip
-        return pa.concat_tables(tables)
+    def process(self, item: dict[str, Any]) -> dict[str, Any]:
+        uri, start, stop = str(item["uri"]), int(item["start"]), int(item["stop"])
+        p = self.plan[uri]
+        try:
+            chunk = sources.read_chunk(uri, p["format"], start, stop)
+        except (sources.SourceError, ValueError, OSError) as exc:
+            # One bad file must not take down the others: report it, write nothing.
+            logger.error("%s, cells %d-%d: %s", uri, start, stop, exc)
+            return {"uri": uri, "error": str(exc), "rows": 0}
+        if chunk.n_counts_obs is not None:
+            n_counts = chunk.n_counts_obs
+        else:
+            n_counts = np.zeros(len(chunk.indptr) - 1, dtype=np.float64)
+            nz = np.diff(chunk.indptr) > 0
+            if chunk.data.size:
+                n_counts[nz] = np.add.reduceat(chunk.data.astype(np.float64), chunk.indptr[:-1][nz])
+        ptr, idx, cnt = remap_csr(chunk.indptr, chunk.indices, chunk.data, p["col_map"], len(self.encoder.token_ids))
+        offsets, tokens = self.encoder.encode(ptr, idx, cnt, n_counts)
+        table = pa.table({
+            "cell_id": pa.array(chunk.barcodes.astype(str), pa.string()),
+            "source": pa.array([uri] * len(chunk.barcodes), pa.string()),
+            "input_ids": list_array(offsets, tokens, pa.int32()),
+            "length": pa.array(np.diff(offsets), pa.int64()),
+        })  # fmt: skip
+        write_table_atomic(table, Path(item["out_dir"]) / part_name(p["index"], start))
+        return {"uri": uri, "error": "", "rows": table.num_rows, "lengths": length_histogram(np.diff(offsets), self.max_length)}
 
 
 def tokenize_files(
@@ -174,7 +141,6 @@ def tokenize_files(
     Ray must be initialised. A file that cannot be read is skipped and reported in the
     manifest's ``quarantined``; the others are written. Returns the manifest.
     """
-    import ray
 
     from cellfoundry.runtime import configure_data_context
 
@@ -212,23 +178,19 @@ def tokenize_files(
         logger.info("tokenize: reusing %s", out)
         return previous
     with artifacts.write_artifact(out, "tokenized", config) as w:
-        if items:
-            (
-                ray.data.from_items(items, override_num_blocks=min(len(items), 200))
-                .map_batches(
-                    TokenizeChunks, batch_size=1,
-                    fn_constructor_kwargs={"plan": ray.put(plan), "encoder": ray.put(dg.encoder), "error_dir": str(w.dir / "_errors")},
-                    concurrency=(1, max(1, int(ray.cluster_resources().get("CPU", 1)))),
-                )
-                .write_parquet(str(w.dir), min_rows_per_file=50_000)
-            )  # fmt: skip
-        quarantined.update(_drop_failed_files(w.dir))
-        shards = finalize_shards(w.dir)
-        lengths = (
-            pl.scan_parquet([str(s) for s in shards]).select("length").collect()["length"].to_numpy()
-            if shards else np.zeros(0, np.int64)
-        )  # fmt: skip
-        w.counts = {"cells": len(lengths), "files": len(plan), "quarantined": quarantined}
+        for item in items:
+            item["out_dir"] = str(w.dir)
+        results = run_per_item(items, TokenizeChunks, plan=plan, encoder=dg.encoder)
+        for r in results:
+            if r["error"] and r["uri"] not in quarantined:
+                quarantined[r["uri"]] = r["error"]
+                # No half-tokenised file: drop the shards of a file that failed mid-way.
+                for shard in w.dir.glob(f"part-{plan[r['uri']]['index']:05d}-*.parquet"):
+                    shard.unlink()
+        good = [r["lengths"] for r in results if not r["error"] and r["uri"] not in quarantined]
+        max_length = dg.encoder.max_genes + (2 if mode == "v2" else 0)
+        hist = merge_histograms(good) if good else length_histogram(np.zeros(0, np.int64), max_length)
+        w.counts = {"cells": hist["cells"], "files": len(plan) - len(set(quarantined) & set(plan)), "quarantined": quarantined}
         w.extra["genes"] = reports
-        w.extra["length_histogram"] = length_histogram(lengths, dg.encoder.max_genes + (2 if mode == "v2" else 0))
+        w.extra["length_histogram"] = hist
     return artifacts.read_manifest(out)

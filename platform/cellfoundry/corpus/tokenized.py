@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,32 +21,9 @@ import pyarrow.parquet as pq
 
 from cellfoundry.corpus.cells import list_array, remap_csr
 from cellfoundry.corpus.encode import RankEncoder
+from cellfoundry.corpus.filemap import PerItem, resolve, write_table_atomic
 
 logger = logging.getLogger(__name__)
-
-
-def _natural_key(name: str) -> list[Any]:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
-def finalize_shards(directory: Path, prefix: str = "part") -> list[Path]:
-    """Rename the Parquet files Ray Data wrote to ``<prefix>-00000.parquet``... in write order.
-
-    Ray names files ``<uuid>_<task>-<block>.parquet``; a numeric sort of those restores the
-    (order-preserving) write order, and stable names make runs comparable.
-    """
-    files = sorted(directory.glob("*.parquet"), key=lambda p: _natural_key(p.name))
-    staged = []
-    for i, f in enumerate(files):
-        tmp = f.with_name(f".{prefix}-{i:05d}.parquet.tmp")
-        f.rename(tmp)
-        staged.append(tmp)
-    out = []
-    for i, tmp in enumerate(staged):
-        final = tmp.with_name(f"{prefix}-{i:05d}.parquet")
-        tmp.rename(final)
-        out.append(final)
-    return out
 
 
 def csr_from_lists(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -60,21 +36,14 @@ def csr_from_lists(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.n
 
 
 class EncodeCells:
-    """Ray Data UDF: cell rows (corpus gene ids) -> token rows.
+    """Cell rows (corpus gene ids) -> token rows.
 
     ``gene_map`` maps each corpus gene id to a position of the encoder's gene space (-1:
     not tokenised); genes colliding on one position are summed before ranking.
     """
 
-    def __init__(self, encoder: Any, gene_map: Any, keep_columns: Sequence[str]) -> None:
-        import ray
-
-        def resolve(x: Any) -> Any:
-            return ray.get(x) if isinstance(x, ray.ObjectRef) else x
-
-        self.encoder: RankEncoder = resolve(encoder)
-        self.gene_map: np.ndarray = resolve(gene_map)
-        self.keep_columns = list(keep_columns)
+    def __init__(self, encoder: RankEncoder, gene_map: np.ndarray, keep_columns: Sequence[str]) -> None:
+        self.encoder, self.gene_map, self.keep_columns = encoder, gene_map, list(keep_columns)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         indptr, gene_ids = csr_from_lists(batch["gene_ids"])
@@ -89,16 +58,46 @@ class EncodeCells:
         return pa.table(columns)
 
 
+class EncodeFiles(PerItem):
+    """Ray Data UDF: a cells file in, a token shard of its passed cells out (same name)."""
+
+    def __init__(self, encoder: Any, gene_map: Any, keep_columns: Any, max_length: Any) -> None:
+        self.encode = EncodeCells(resolve(encoder), resolve(gene_map), resolve(keep_columns))
+        self.max_length: int = resolve(max_length)
+
+    def process(self, item: dict[str, Any]) -> dict[str, Any]:
+        cells = pq.read_table(item["src"])
+        passed = cells.filter(pc.equal(cells["qc"], "passed"))
+        if passed.num_rows == 0:
+            return {"rows": 0, "lengths": length_histogram(np.zeros(0, np.int64), self.max_length)}
+        table = self.encode(passed)
+        write_table_atomic(table, Path(item["dst"]))
+        return {"rows": table.num_rows, "lengths": length_histogram(table["length"].to_numpy(), self.max_length)}
+
+
 def length_histogram(lengths: np.ndarray, max_length: int, n_bins: int = 16) -> dict[str, Any]:
-    """Counts of cell lengths in equal-width bins up to ``max_length`` (for the manifest)."""
+    """Counts of cell lengths in equal-width bins up to ``max_length`` (mergeable)."""
     edges = np.linspace(0, max_length, n_bins + 1).round().astype(int)
     counts, _ = np.histogram(lengths, bins=edges)
     return {
         "edges": edges.tolist(),
         "counts": counts.tolist(),
-        "mean": float(np.mean(lengths)) if len(lengths) else 0.0,
+        "cells": len(lengths),
+        "tokens": int(np.sum(lengths)),
         "at_max": int(np.sum(lengths >= max_length)),
     }
+
+
+def merge_histograms(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Sum :func:`length_histogram` results of the same edges; adds the mean length."""
+    total = {"edges": parts[0]["edges"], "counts": np.zeros(len(parts[0]["counts"]), np.int64), "cells": 0, "tokens": 0, "at_max": 0}
+    for h in parts:
+        total["counts"] += np.asarray(h["counts"], np.int64)
+        for key in ("cells", "tokens", "at_max"):
+            total[key] += h[key]
+    total["counts"] = total["counts"].tolist()
+    total["mean"] = total["tokens"] / total["cells"] if total["cells"] else 0.0
+    return total
 
 
 def _to_arrow_stream(parquet_file: str, arrow_file: str) -> int:

@@ -15,13 +15,9 @@ from cellfoundry import artifacts
 from cellfoundry.config.schema import CorpusConfig
 from cellfoundry.corpus import qc
 from cellfoundry.corpus.encode import RankEncoder
+from cellfoundry.corpus.filemap import run_per_item
 from cellfoundry.corpus.medians import compute_medians, medians_to_table
-from cellfoundry.corpus.tokenized import (
-    EncodeCells,
-    finalize_shards,
-    length_histogram,
-    write_hf_layout,
-)
+from cellfoundry.corpus.tokenized import EncodeFiles, merge_histograms, write_hf_layout
 from cellfoundry.genes import (
     GeneformerDictionaries,
     build_vocabulary,
@@ -36,7 +32,7 @@ TOKENS_FILE = "token_dictionary.json"
 
 
 def _cell_files(cells: Path) -> list[str]:
-    return [str(f) for f in sorted((cells / "data").glob("*.parquet"))]
+    return [str(f) for f in sorted((cells / "data").glob("part-*.parquet"))]
 
 
 def _passed_cells(cells: Path, columns: list[str] | None = None):
@@ -134,8 +130,6 @@ def corpus_encoder(vocab: Path, ensembl_ids: list[str], mode: str, max_genes: in
 
 def tokenized_stage(cfg: CorpusConfig, out: Path, cells: Path, vocab: Path) -> Path:
     """Rank value encode every passed cell into Parquet shards + the datasets layout."""
-    import ray
-
     path = out / "tokenized"
     stage_cfg = asdict(cfg.tokenize)
     inputs = {"cells": cells, "vocabulary": vocab}
@@ -148,21 +142,16 @@ def tokenized_stage(cfg: CorpusConfig, out: Path, cells: Path, vocab: Path) -> P
     meta = [c for c in pq.read_schema(_cell_files(cells)[0]).names if c not in _CELL_FIELDS]
     keep = ["cell_id", "dataset_id", *meta]
     with artifacts.write_artifact(path, "tokenized", stage_cfg, inputs) as w:
-        (
-            _passed_cells(cells)
-            .map_batches(
-                EncodeCells,
-                batch_format="pyarrow",
-                fn_constructor_kwargs={"encoder": ray.put(encoder), "gene_map": ray.put(gene_map), "keep_columns": keep},
-                concurrency=(1, max(1, int(ray.cluster_resources().get("CPU", 1)))),
-            )
-            .write_parquet(str(w.dir), min_rows_per_file=cfg.tokenize.shard_rows)
-        )
-        shards = finalize_shards(w.dir)
-        lengths = pl.scan_parquet([str(s) for s in shards]).select("length").collect()["length"].to_numpy()
+        items = [{"src": f, "dst": str(w.dir / Path(f).name)} for f in _cell_files(cells)]
+        results = run_per_item(
+            items, EncodeFiles, encoder=encoder, gene_map=gene_map, keep_columns=keep,
+            max_length=cfg.tokenize.model_input_size,
+        )  # fmt: skip
+        shards = sorted(w.dir.glob("part-*.parquet"))
+        hist = merge_histograms([r["lengths"] for r in results])
         hf = write_hf_layout(shards, w.dir / "hf")
-        w.counts = {"cells": len(lengths), "tokens": int(lengths.sum()), "shards": len(shards)}
-        w.extra["length_histogram"] = length_histogram(lengths, cfg.tokenize.model_input_size or 0)
+        w.counts = {"cells": hist["cells"], "tokens": hist["tokens"], "shards": len(shards)}
+        w.extra["length_histogram"] = hist
         w.extra["hf"] = hf
     return path
 
