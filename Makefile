@@ -10,6 +10,8 @@ TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+# DeepSpeed builds no C++/CUDA ops at install time (they are JIT-built only if used).
+export DS_BUILD_OPS := 0
 
 .PHONY: install test demo bench lint clean
 
