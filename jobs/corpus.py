@@ -14,9 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # a working-dir upload
 
-from cellfoundry import runtime
-from cellfoundry.config import CorpusJobConfig, load_config
-from cellfoundry.corpus.pipeline import run_corpus
+import cellfoundry.runtime  # noqa: F401  (first: a local cluster then binds to 127.0.0.1 only)
+from cellfoundry.corpus.pipeline import run_corpus_job
 from cellfoundry.logs import setup_logging
 
 
@@ -26,10 +25,7 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     setup_logging()
-    cfg = load_config(CorpusJobConfig, args.config, args.set)
-    runtime.init_ray(cfg.ray)
-    runtime.configure_data_context()
-    result = run_corpus(cfg.corpus)
+    result = run_corpus_job(args.config, args.set)
     print(json.dumps({"artifacts": result.paths(), "counts": result.counts}, indent=2))
     return 0
 

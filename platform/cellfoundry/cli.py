@@ -15,13 +15,9 @@ logger = logging.getLogger("cellfoundry.cli")
 
 
 def _corpus(args: argparse.Namespace) -> int:
-    from cellfoundry.config import CorpusJobConfig, load_config
-    from cellfoundry.corpus.pipeline import run_corpus
+    from cellfoundry.corpus.pipeline import run_corpus_job
 
-    cfg = load_config(CorpusJobConfig, args.config, args.set)
-    runtime.init_ray(cfg.ray)
-    runtime.configure_data_context()
-    result = run_corpus(cfg.corpus)
+    result = run_corpus_job(args.config, args.set)
     print(json.dumps({"artifacts": result.paths(), "counts": result.counts}, indent=2))
     return 0
 

@@ -241,4 +241,14 @@ def run_corpus(cfg: CorpusConfig) -> CorpusResult:
     return CorpusResult(catalog_path, cells_path, medians_path, vocab_path, tokenized_path, counts)
 
 
-__all__ = ["CorpusResult", "run_corpus", "sources"]
+def run_corpus_job(config: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> CorpusResult:
+    """What ``cellfoundry corpus`` and ``jobs/corpus.py`` do: load the YAML, join Ray, run."""
+    from cellfoundry.config import CorpusJobConfig, load_config
+    from cellfoundry.runtime import init_ray
+
+    cfg = load_config(CorpusJobConfig, config, overrides)
+    init_ray(cfg.ray)
+    return run_corpus(cfg.corpus)
+
+
+__all__ = ["CorpusResult", "run_corpus", "run_corpus_job"]
