@@ -67,33 +67,74 @@ class RankEncoder:
         """
         indptr = np.asarray(indptr, dtype=np.int64)
         n_cells = len(indptr) - 1
-        rows = np.repeat(np.arange(n_cells, dtype=np.int64), np.diff(indptr))
-        gene_index = np.asarray(gene_index)
-        tok = self.token_ids[gene_index]
+        gene_index = np.asarray(gene_index, dtype=np.intp)
         counts_f = np.asarray(counts, dtype=np.float64)
+        tok = self.token_ids[gene_index]
         keep = (tok >= 0) & (counts_f > 0)
-        rows, tok, gene_index, counts_f = rows[keep], tok[keep], gene_index[keep], counts_f[keep]
-        n = np.asarray(n_counts, dtype=np.float64)[rows]
+        if not keep.all():  # drop genes outside the vocabulary and explicit zeros
+            kept_before = np.zeros(len(keep) + 1, dtype=np.int64)
+            np.cumsum(keep, out=kept_before[1:])
+            indptr = kept_before[indptr]
+            gene_index, tok, counts_f = gene_index[keep], tok[keep], counts_f[keep]
+        per_cell = np.diff(indptr)
         # Same operations in the same order as the reference tokenizer, so scores are
         # bit-identical: X / n_counts * target_sum / median.
+        n = np.repeat(np.asarray(n_counts, dtype=np.float64), per_cell)
         score = counts_f / n * TARGET_SUM / self.medians[gene_index]
-        # Primary key: cell; then score descending; ties by token id ascending.
-        order = np.lexsort((tok, -score, rows))
-        rows, tok = rows[order], tok[order]
-        per_cell = np.bincount(rows, minlength=n_cells)
-        starts = np.concatenate(([0], np.cumsum(per_cell)[:-1]))
-        rank = np.arange(len(rows), dtype=np.int64) - starts[rows]
-        kept = rank < self.max_genes
-        rows, tok, rank = rows[kept], tok[kept], rank[kept]
-        n_kept = np.minimum(per_cell, self.max_genes)
-        extra = 2 if self.special else 0
-        lengths = n_kept + extra
+        extra, first = (2, 1) if self.special else (0, 0)
         offsets = np.zeros(n_cells + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
+        np.cumsum(np.minimum(per_cell, self.max_genes) + extra, out=offsets[1:])
         tokens = np.empty(int(offsets[-1]), dtype=np.int32)
-        first = 1 if self.special else 0
-        tokens[offsets[rows] + first + rank] = tok
+        for lo in range(0, n_cells, _ROWS_PER_BLOCK):
+            hi = min(lo + _ROWS_PER_BLOCK, n_cells)
+            _encode_block(
+                score[indptr[lo] : indptr[hi]], tok[indptr[lo] : indptr[hi]], per_cell[lo:hi],
+                tokens, offsets[lo:hi] + first, self.max_genes,
+            )  # fmt: skip
         if self.special:
             tokens[offsets[:-1]] = self.cls_id
             tokens[offsets[1:] - 1] = self.eos_id
         return offsets, tokens
+
+
+_ROWS_PER_BLOCK = 256  # bounds a padded block to 256 x (longest cell) values
+
+
+def _encode_block(
+    score: np.ndarray, tok: np.ndarray, per_cell: np.ndarray, out: np.ndarray, out_start: np.ndarray, k: int
+) -> None:
+    """Rank the genes of a block of cells and write each cell's first ``k`` tokens.
+
+    The cells are scattered into a padded [cells, width] matrix and sorted row-wise with
+    NumPy's (SIMD) argsort, far faster than one global multi-key sort. Cells where two
+    scores among the kept ranks (or at the cut-off) tie are redone exactly: score
+    descending, then token id ascending.
+    """
+    n_rows = len(per_cell)
+    width = int(per_cell.max()) if n_rows else 0
+    if width == 0:
+        return
+    starts = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(per_cell, out=starts[1:])
+    row = np.repeat(np.arange(n_rows), per_cell)
+    pos = np.arange(len(score)) - starts[row]
+    flat = row * width + pos
+    block = np.full(n_rows * width, np.inf)
+    block[flat] = -score
+    tok_block = np.empty(n_rows * width, dtype=np.int32)
+    tok_block[flat] = tok
+    keep = min(width, k)
+    cols = min(width, k + 1)  # one past the cut-off, to see a tie across it
+    order = np.argsort(block.reshape(n_rows, width), axis=1)[:, :cols]
+    order += (np.arange(n_rows) * width)[:, None]
+    vals = block[order]
+    n_valid = np.minimum(per_cell, cols)
+    valid = np.arange(cols)[None, :] < n_valid[:, None]
+    ties = ((vals[:, 1:] == vals[:, :-1]) & valid[:, 1:]).any(axis=1)
+    kept = valid[:, :keep] & (np.arange(keep)[None, :] < k)
+    dest = out_start[:, None] + np.arange(keep)[None, :]
+    out[dest[kept]] = tok_block[order[:, :keep][kept]]
+    for c in np.flatnonzero(ties):
+        s, e = starts[c], starts[c + 1]
+        ranked = tok[s:e][np.lexsort((tok[s:e], -score[s:e]))][:k]
+        out[out_start[c] : out_start[c] + len(ranked)] = ranked
