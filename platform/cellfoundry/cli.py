@@ -22,6 +22,18 @@ def _corpus(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain(args: argparse.Namespace) -> int:
+    from cellfoundry.config import PretrainJobConfig, load_config
+    from cellfoundry.train import run_pretrain
+
+    cfg = load_config(PretrainJobConfig, args.config, args.set)
+    runtime.init_ray(cfg.ray)
+    result = run_pretrain(cfg)
+    print(json.dumps({"artifacts": result.paths(), "final_loss": result.final_loss, "steps": result.steps,
+                      "completed": result.completed}, indent=2))  # fmt: skip
+    return 0
+
+
 def _tokenize(args: argparse.Namespace) -> int:
     from cellfoundry.config import RayConfig
     from cellfoundry.corpus.tokenize_files import tokenize_files
@@ -47,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config (see jobs/configs/corpus/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. corpus.qc.n_sd=2.5")
     p.set_defaults(func=_corpus)
+
+    p = sub.add_parser("pretrain", help="stage 2: pretrain a BERT on tokenized cells (Ray Train + DeepSpeed)")
+    p.add_argument("--config", required=True, help="YAML config (see jobs/configs/pretrain/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=1e-4")
+    p.set_defaults(func=_pretrain)
 
     p = sub.add_parser("tokenize", help="tokenize h5ad/loom/10x files with Geneformer dictionaries")
     p.add_argument("inputs", nargs="+", help="input files (h5ad, loom, 10x .h5, 10x mtx folders)")

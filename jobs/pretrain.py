@@ -1,0 +1,41 @@
+"""Stage 2 (pretraining) as a Ray job.
+
+    ray job submit --working-dir . -- python jobs/pretrain.py --config jobs/configs/pretrain/smoke.yaml
+
+Without a cluster (no ``RAY_ADDRESS``) the same command starts a local one. Running it
+again with the same run name and storage path resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # a working-dir upload
+
+from cellfoundry import runtime
+from cellfoundry.config import PretrainJobConfig, load_config
+from cellfoundry.logs import setup_logging
+from cellfoundry.train import run_pretrain
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    setup_logging()
+    cfg = load_config(PretrainJobConfig, args.config, args.set)
+    runtime.init_ray(cfg.ray)
+    result = run_pretrain(cfg)
+    print(json.dumps({"artifacts": result.paths(), "final_loss": result.final_loss, "steps": result.steps,
+                      "completed": result.completed}, indent=2))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

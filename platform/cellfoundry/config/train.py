@@ -1,0 +1,252 @@
+"""Typed configs of stage 2 (pretraining). ``scaling``, ``run``, ``failure`` and ``checkpoint``
+mirror Ray's ``ScalingConfig``, ``RunConfig``, ``FailureConfig`` and ``CheckpointConfig``
+field for field; ``deepspeed`` becomes the DeepSpeed config dict (no JSON file to keep in
+sync). Defaults of ``optim`` are the Geneformer seeds' (max LR 2e-4, warm-up 0.007, weight
+decay 0.044). This module imports neither torch nor Ray.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from cellfoundry.config.schema import RayConfig
+from cellfoundry.paths import expand
+
+
+@dataclass
+class ModelConfig:
+    """Which BERT to pretrain (see ``cellfoundry.model.PRESETS``)."""
+
+    preset: str = "tiny"
+    """A preset name: tiny, gf-10m, gf-38m, gf-65m, gf-104m, gf-228m, gf-316m."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """``BertConfig`` fields to change, e.g. {num_hidden_layers: 2, hidden_size: 64}.
+    ``vocab_size`` and ``pad_token_id`` always come from the token dictionary."""
+
+
+@dataclass
+class DataConfig:
+    """Tokenized cells (stage 1's ``tokenized`` artifact) and how they are batched."""
+
+    tokenized: str
+    """Folder of ``part-*.parquet`` shards (``input_ids`` list<int32>, ``length``)."""
+    token_dictionary: str | None = None
+    """token_dictionary .json/.pkl, or a folder holding one (a ``vocabulary`` artifact or a
+    Geneformer dictionary folder such as "{shared}/geneformer/v2"). Default: the
+    ``vocabulary`` artifact beside ``tokenized``."""
+    max_length: int | None = None
+    """Tokens per cell fed to the model; longer cells keep their top-ranked genes and their
+    ``<eos>`` (as if tokenized with this model_input_size). Default: the model's
+    max_position_embeddings."""
+    batch_size: int = 8
+    """Cells per micro-batch per worker (DeepSpeed's train_micro_batch_size_per_gpu)."""
+    group_by_length: bool = True
+    """Batches of cells of similar length (less padding); false: plain random batches."""
+    megabatch_mult: int = 50
+    """Length grouping sorts windows of batch_size x workers x this many cells."""
+    mlm_probability: float = 0.15
+    """Share of gene tokens to predict per cell (80% <mask>, 10% random gene, 10% kept)."""
+    pad_to_multiple_of: int = 8
+    """Padded length is rounded up to a multiple of this (tensor-core friendly)."""
+
+    def __post_init__(self) -> None:
+        # absolute: Ray workers do not run in the driver's working directory
+        self.tokenized = os.path.abspath(expand(self.tokenized))
+        if self.token_dictionary is not None:
+            self.token_dictionary = os.path.abspath(expand(self.token_dictionary))
+        if self.max_length is not None and self.max_length < 3:
+            raise ValueError("data.max_length must be >= 3 (or null for the model's maximum)")
+        if self.batch_size < 1:
+            raise ValueError("data.batch_size must be >= 1")
+        if self.megabatch_mult < 1:
+            raise ValueError("data.megabatch_mult must be >= 1 (50 is a good default)")
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise ValueError("data.mlm_probability must lie in (0, 1); Geneformer uses 0.15")
+        if self.pad_to_multiple_of < 1:
+            raise ValueError("data.pad_to_multiple_of must be >= 1 (1: no rounding)")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a linear warm-up then cosine decay, clipping and accumulation."""
+
+    lr: float = 2e-4
+    """Peak learning rate (reached at the end of warm-up)."""
+    warmup_ratio: float = 0.007
+    """Share of all optimizer steps spent warming up linearly to ``lr``."""
+    min_lr_ratio: float = 0.0
+    """The cosine decays to lr x this at the last step."""
+    weight_decay: float = 0.044
+    """Decoupled weight decay; biases and LayerNorm weights are never decayed."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step on each worker."""
+    max_steps: int | None = None
+    """Optimizer steps to train; null: ``epochs`` passes over the data."""
+    epochs: float = 1.0
+    """Passes over the data when ``max_steps`` is null (may be fractional)."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError("optim.lr must be > 0 (the seeds use 2e-4)")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError("optim.warmup_ratio must lie in [0, 1) (the seeds use 0.007)")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError("optim.min_lr_ratio must lie in [0, 1]")
+        if self.weight_decay < 0:
+            raise ValueError("optim.weight_decay must be >= 0 (the seeds use 0.044)")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError("optim.betas must lie in [0, 1), e.g. [0.9, 0.999]")
+        if self.eps <= 0 or self.grad_clip < 0:
+            raise ValueError("optim.eps must be > 0 and optim.grad_clip >= 0")
+        if self.grad_accum < 1:
+            raise ValueError("optim.grad_accum must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError("optim.max_steps must be >= 1 (or null to train for optim.epochs)")
+        if self.epochs <= 0:
+            raise ValueError("optim.epochs must be > 0")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """ZeRO sharding, offload and precision; turned into DeepSpeed's config dict."""
+
+    stage: Literal[0, 1, 2, 3] = 2
+    """ZeRO stage: 0 plain data parallel, 1 optimizer states, 2 + gradients, 3 + parameters."""
+    offload_optimizer: bool = False
+    """Keep optimizer states (and the step) in CPU memory (ZeRO-Offload; GPU runs only)."""
+    offload_params: bool = False
+    """Keep parameters in CPU memory between uses (ZeRO-Infinity; stage 3, GPU runs only)."""
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto: bf16 on GPUs that support it, else fp32. bf16 asked for on CPU is downgraded
+    to fp32 with a warning."""
+
+    def __post_init__(self) -> None:
+        if self.offload_params and self.stage != 3:
+            raise ValueError("deepspeed.offload_params needs deepspeed.stage: 3")
+        if self.offload_optimizer and self.stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs deepspeed.stage 1, 2 or 3")
+
+
+@dataclass
+class ScalingConfig:
+    """Mirrors ``ray.train.ScalingConfig``."""
+
+    num_workers: int = 1
+    """Training workers (one per GPU, or per CPU slot)."""
+    use_gpu: bool = False
+    """One GPU per worker; false trains on CPU (fp32, gloo)."""
+    resources_per_worker: dict[str, float] | None = None
+    """e.g. {CPU: 1}; default: Ray's (1 CPU, plus 1 GPU with use_gpu)."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError("scaling.num_workers must be >= 1")
+
+
+@dataclass
+class RunConfig:
+    """Mirrors ``ray.train.RunConfig``. A rerun with the same name and storage_path resumes
+    from the run's latest checkpoint."""
+
+    name: str | None = None
+    """Run name; default: the folder name of ``output_dir``."""
+    storage_path: str | None = None
+    """Where Ray Train keeps checkpoints (local, NFS, s3://, gs://); default: a ``runs``
+    folder beside ``output_dir``."""
+
+
+@dataclass
+class FailureConfig:
+    """Mirrors ``ray.train.FailureConfig``."""
+
+    max_failures: int = 0
+    """Worker-group failures to recover from (restart from the latest checkpoint); -1: no limit."""
+
+    def __post_init__(self) -> None:
+        if self.max_failures < -1:
+            raise ValueError("failure.max_failures must be >= 0, or -1 for no limit")
+
+
+@dataclass
+class CheckpointConfig:
+    """Mirrors ``ray.train.CheckpointConfig``."""
+
+    num_to_keep: int | None = 2
+    """Most recent checkpoints kept in the run folder (null: all)."""
+
+    def __post_init__(self) -> None:
+        if self.num_to_keep is not None and self.num_to_keep < 1:
+            raise ValueError("checkpoint.num_to_keep must be >= 1 (or null to keep all)")
+
+
+@dataclass
+class TrackingConfig:
+    """Where rank 0 writes metrics: a CSV always, TensorBoard and MLflow optionally."""
+
+    log_dir: str | None = None
+    """metrics.csv, loss_curve.png, tensorboard/ and mlruns/; default: ``logs`` in the run
+    folder (set it to a local or mounted folder when storage_path is a cloud URI)."""
+    tensorboard: bool = True
+    mlflow: bool = True
+    mlflow_tracking_uri: str | None = None
+    """Default: a local MLflow file store, ``file:<log_dir>/mlruns``."""
+    mlflow_experiment: str = "cellfoundry-pretrain"
+
+    def __post_init__(self) -> None:
+        if self.log_dir is not None:
+            self.log_dir = expand(self.log_dir)
+
+
+@dataclass
+class PretrainJobConfig:
+    """What ``cellfoundry pretrain`` and ``jobs/pretrain.py`` read."""
+
+    data: DataConfig
+    output_dir: str
+    """The ``model`` artifact: a Hugging Face folder (config.json, model.safetensors,
+    token_dictionary.json), the DeepSpeed training state, metrics and the loss curve."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    failure: FailureConfig = field(default_factory=FailureConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    checkpoint_every: int = 500
+    """Optimizer steps between checkpoints (one is always written at the end)."""
+    log_every: int = 10
+    """Optimizer steps between metric rows (loss, accuracy, LR, tokens/s, MFU)."""
+    seed: int = 0
+    """Initial weights, data order, masks and dropout are functions of (seed, step, rank)."""
+    stop_at_step: int | None = None
+    """Checkpoint and stop after this step, as if preempted; the LR schedule still follows
+    the full run, and a rerun with the same run name continues. Null: train to the end."""
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        self.output_dir = os.path.abspath(expand(self.output_dir))
+        if self.run.name is None:
+            self.run.name = os.path.basename(self.output_dir.rstrip("/"))
+        if self.run.storage_path is None:
+            self.run.storage_path = os.path.join(os.path.dirname(self.output_dir), "runs")
+        elif "://" not in self.run.storage_path:
+            self.run.storage_path = os.path.abspath(expand(self.run.storage_path))
+        if self.tracking.log_dir is None:
+            if "://" in self.run.storage_path:
+                raise ValueError(
+                    f"run.storage_path {self.run.storage_path} is not a local path: set "
+                    "tracking.log_dir to a local or mounted folder for the metric files"
+                )
+            self.tracking.log_dir = os.path.join(self.run.storage_path, self.run.name, "logs")
+        self.tracking.log_dir = os.path.abspath(self.tracking.log_dir)
+        if self.checkpoint_every < 1 or self.log_every < 1:
+            raise ValueError("checkpoint_every and log_every must be >= 1 (optimizer steps)")
+        if self.stop_at_step is not None and self.stop_at_step < 1:
+            raise ValueError("stop_at_step must be >= 1, or null to train to the end")

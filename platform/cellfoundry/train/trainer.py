@@ -1,0 +1,191 @@
+"""``run_pretrain``: check the config, run ``TorchTrainer``, write the ``model`` artifact."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cellfoundry import artifacts, runtime
+from cellfoundry.config.loader import config_to_dict
+from cellfoundry.config.train import PretrainJobConfig
+from cellfoundry.model import count_parameters
+from cellfoundry.train.checkpoint import DS_DIR, HF_DIR, STATE_FILE
+from cellfoundry.train.loop import train_loop_per_worker
+from cellfoundry.train.metrics import CSV_FILE, PNG_FILE
+from cellfoundry.train.setup import RunSpec, prepare_run
+from cellfoundry.train.zero import resolve_settings
+
+logger = logging.getLogger(__name__)
+
+#: Driver environment variables handed on to the training workers.
+FORWARDED_ENV_PREFIXES = ("CELLFOUNDRY_", "MLFLOW_")
+
+
+@dataclass
+class PretrainResult:
+    """What a pretraining run produced (``final_loss`` as bionemo's ``main()`` returns)."""
+
+    final_loss: float
+    """Masked-gene loss of the last metric window (mean over ranks)."""
+    final_accuracy: float
+    steps: int
+    """Optimizer steps done so far."""
+    total_steps: int
+    completed: bool
+    """False when the run stopped early (``stop_at_step``); rerun to continue."""
+    model_dir: Path | None
+    """The ``model`` artifact (None until the run completes)."""
+    checkpoint_path: str | None
+    """The latest Ray Train checkpoint of the run."""
+    log_dir: Path
+    metrics_csv: Path
+    loss_curve: Path | None
+    reused: bool = False
+    """True when a complete artifact with the same config and inputs was reused."""
+
+    def paths(self) -> dict[str, str | None]:
+        """Where things went, for the CLI and job output."""
+        return {
+            "model": str(self.model_dir) if self.model_dir else None,
+            "checkpoint": self.checkpoint_path,
+            "metrics_csv": str(self.metrics_csv),
+            "loss_curve": str(self.loss_curve) if self.loss_curve else None,
+            "log_dir": str(self.log_dir),
+        }
+
+
+def _fingerprint_config(cfg: PretrainJobConfig) -> dict[str, Any]:
+    """The config that determines the model (not how Ray is reached, not stop_at_step)."""
+    data = config_to_dict(cfg)
+    for key in ("ray", "stop_at_step"):
+        data.pop(key)
+    return data
+
+
+def _inputs(cfg: PretrainJobConfig, spec: RunSpec) -> dict[str, str]:
+    """Input artifacts (those with a manifest) for the model artifact's manifest."""
+    candidates = {
+        "tokenized": Path(cfg.data.tokenized),
+        "vocabulary": spec.token_dictionary_path.parent,
+    }
+    return {k: str(p) for k, p in candidates.items() if (p / artifacts.MANIFEST).is_file()}
+
+
+def _result(cfg: PretrainJobConfig, metrics: dict[str, Any], **kwargs: Any) -> PretrainResult:
+    log_dir = Path(cfg.tracking.log_dir or "")
+    png = log_dir / PNG_FILE
+    return PretrainResult(
+        final_loss=float(metrics.get("loss", float("nan"))),
+        final_accuracy=float(metrics.get("accuracy", float("nan"))),
+        steps=int(metrics.get("step", 0)),
+        total_steps=int(metrics.get("total_steps", 0)),
+        log_dir=log_dir,
+        metrics_csv=log_dir / CSV_FILE,
+        loss_curve=png if png.is_file() else None,
+        **kwargs,
+    )
+
+
+def run_pretrain(cfg: PretrainJobConfig) -> PretrainResult:
+    """Pretrain per ``cfg`` on Ray Train (starting a local Ray if none is running) and write
+    the ``model`` artifact at ``cfg.output_dir`` once the last step is done.
+
+    A rerun with the same run name and storage path resumes from the latest checkpoint; a
+    rerun whose config and inputs match a complete artifact reuses it.
+    """
+    spec = prepare_run(cfg, load_data=False)  # fail fast, before any worker starts
+    for note in resolve_settings(cfg, on_gpu=cfg.scaling.use_gpu).notes:
+        logger.warning(note)
+    fp_config, inputs = _fingerprint_config(cfg), _inputs(cfg, spec)
+    fingerprint = artifacts.fingerprint("model", fp_config, inputs)
+    manifest = artifacts.reusable(cfg.output_dir, "model", fingerprint)
+    if manifest is not None:
+        logger.info("pretrain: reusing %s", cfg.output_dir)
+        return _result(
+            cfg, manifest.get("metrics", {}), completed=True, model_dir=Path(cfg.output_dir),
+            checkpoint_path=manifest.get("run", {}).get("checkpoint"), reused=True,
+        )  # fmt: skip
+    logger.info(
+        "pretrain: %s (%s parameters), %d cells, %d steps, run %s in %s",
+        cfg.model.preset, f"{count_parameters(spec.model_config):,}", spec.n_cells,
+        spec.plan.total_steps, cfg.run.name, cfg.run.storage_path,
+    )  # fmt: skip
+    result = _fit(cfg)
+    metrics = dict(result.metrics or {})
+    checkpoint = result.checkpoint
+    completed = bool(metrics.get("completed")) and checkpoint is not None
+    model_dir = None
+    if completed:
+        with checkpoint.as_directory() as directory:
+            model_dir = _write_model_artifact(
+                cfg, spec, Path(directory), metrics, checkpoint.path, fp_config, inputs
+            )
+    else:
+        logger.info(
+            "pretrain: stopped at step %s of %s; rerun to continue",
+            metrics.get("step"),
+            spec.plan.total_steps,
+        )
+    return _result(
+        cfg, metrics, completed=completed, model_dir=model_dir,
+        checkpoint_path=checkpoint.path if checkpoint is not None else None,
+    )  # fmt: skip
+
+
+def _fit(cfg: PretrainJobConfig) -> Any:
+    """Run the TorchTrainer; returns Ray's ``Result``."""
+    runtime.init_ray(cfg.ray)
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": config_to_dict(cfg)},
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker=cfg.scaling.resources_per_worker,
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=cfg.run.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.failure.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+            worker_runtime_env={"env_vars": env} if env else None,
+        ),
+    )
+    return trainer.fit()
+
+
+def _write_model_artifact(
+    cfg: PretrainJobConfig, spec: RunSpec, checkpoint_dir: Path, metrics: dict[str, Any],
+    checkpoint_path: str, fp_config: dict[str, Any], inputs: dict[str, str],
+) -> Path:  # fmt: skip
+    """HF files at the top, DeepSpeed state in ``training_state/``, metrics and the curve."""
+    log_dir = Path(cfg.tracking.log_dir or "")
+    with artifacts.write_artifact(cfg.output_dir, "model", fp_config, inputs) as w:
+        for item in (checkpoint_dir / HF_DIR).iterdir():
+            shutil.copy2(item, w.dir / item.name)
+        shutil.copytree(checkpoint_dir / DS_DIR, w.dir / "training_state")
+        shutil.copy2(checkpoint_dir / STATE_FILE, w.dir / "training_state" / STATE_FILE)
+        for name in (CSV_FILE, PNG_FILE):
+            if (log_dir / name).is_file():
+                shutil.copy2(log_dir / name, w.dir / name)
+        w.counts = {
+            "steps": int(metrics["step"]),
+            "tokens": int(metrics.get("tokens", 0)),
+            "cells": spec.n_cells,
+            "parameters": count_parameters(spec.model_config),
+        }
+        w.extra["metrics"] = metrics
+        w.extra["run"] = {
+            "name": cfg.run.name, "storage_path": cfg.run.storage_path,
+            "checkpoint": checkpoint_path, "log_dir": str(log_dir),
+        }  # fmt: skip
+    return Path(cfg.output_dir)
