@@ -29,6 +29,7 @@ test: install
 
 demo: install
 	$(PY) -m cellfoundry.cli corpus --config jobs/configs/corpus/smoke.yaml
+	$(PY) -m cellfoundry.cli pretrain --config jobs/configs/pretrain/smoke.yaml
 
 bench: install
 	$(PY) bench/corpus.py
