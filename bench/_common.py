@@ -119,7 +119,8 @@ def timed() -> Iterator[dict[str, float]]:
         out["s"] = time.perf_counter() - start
 
 
-def _is_ray_worker(proc: Any) -> bool:
+def is_ray_worker(proc: Any) -> bool:
+    """Whether a psutil process is a Ray worker (``ray::...`` title or default_worker.py)."""
     try:
         name = proc.name()
         if name.startswith("ray::"):
@@ -130,7 +131,8 @@ def _is_ray_worker(proc: Any) -> bool:
 
 
 class MemorySampler:
-    """Peak memory of this process and of the Ray workers it started, sampled in a thread.
+    """Peak memory of this process and of the Ray workers it started, sampled in a thread
+    (with the host's 1-minute load average, to tell how busy the machine was).
 
     Every ``interval`` seconds it reads the RSS of the driver (this process) and of each Ray
     worker process among its descendants (a local cluster's raylet is a child of the
@@ -157,6 +159,7 @@ class MemorySampler:
         }
         self.max_workers = 0
         self.samples = 0
+        self.load_sum = self.load_max = 0.0  # 1-minute load average of the host
         #: label of what runs now (set it around a phase); peaks are also kept per phase
         self.phase = ""
         self.by_phase: dict[str, dict[str, float]] = {}
@@ -175,7 +178,7 @@ class MemorySampler:
             try:
                 rss = proc.memory_info().rss / _MB
                 total_rss += rss
-                if not _is_ray_worker(proc):
+                if not is_ray_worker(proc):
                     continue
                 n += 1
                 worker_max = max(worker_max, rss)
@@ -190,6 +193,9 @@ class MemorySampler:
         peak["all_rss_mb"] = max(peak["all_rss_mb"], total_rss)
         self.max_workers = max(self.max_workers, n)
         self.samples += 1
+        load = os.getloadavg()[0]
+        self.load_sum += load
+        self.load_max = max(self.load_max, load)
         if self.phase:
             ph = self.by_phase.setdefault(self.phase, {"worker_rss_mb": 0.0, "driver_rss_mb": 0.0})
             ph["worker_rss_mb"] = max(ph["worker_rss_mb"], worker_max)
@@ -220,7 +226,12 @@ class MemorySampler:
 
     def result(self) -> dict[str, float]:
         """Peaks in MB (``driver_rss_mb``, ``worker_rss_mb``, ``worker_uss_mb``, ...)."""
-        return {**{k: round(v, 1) for k, v in self.peak.items()}, "max_workers": self.max_workers}
+        return {
+            **{k: round(v, 1) for k, v in self.peak.items()},
+            "max_workers": self.max_workers,
+            "host_load_1m_mean": round(self.load_sum / max(1, self.samples), 2),
+            "host_load_1m_max": round(self.load_max, 2),
+        }
 
     def phase_result(self) -> dict[str, dict[str, float]]:
         """Peak worker and driver RSS (MB) per phase label."""

@@ -1,6 +1,6 @@
 """Stage 1 (corpus) benchmark: rank value encoding vs the reference per-cell loop, whole stage.
 
-    .venv/bin/python bench/corpus.py                       # 200,000 cells (~15 min on 2 cores)
+    .venv/bin/python bench/corpus.py                       # 200,000 cells (~6-7 min on 2 cores)
     .venv/bin/python bench/corpus.py --cells 20000 --quick # fast check
 
 1. Corpus: ``--files`` h5ad files (default 8 x 25,000 = 200,000 cells) resampled with
@@ -32,7 +32,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +45,11 @@ from _common import (
     command_line,
     device_string,
     format_table,
-    n_cores,
+    is_ray_worker,
     timed,
     write_results,
 )
-from cellfoundry import runtime
+from cellfoundry import runtime  # before ray: local clusters listen on 127.0.0.1 only
 from cellfoundry.paths import shared_path
 
 SOURCE = "data/h5ad/pbmc_facs_zheng2017_3874cells.h5ad"
@@ -312,11 +314,49 @@ def _wrap_stages(timings: dict[str, float], mem: MemorySampler) -> None:
         setattr(module, name, wrapper)
 
 
+class WorkerPinner:
+    """Pins every thread of every Ray worker this driver's cluster starts to ``cores``
+    (re-applied 10x/s, so new workers and threads are caught within 0.1 s).
+
+    The control plane (GCS, raylet) and the driver keep every core: pinned with the workers
+    onto one busy core, the raylet missed heartbeats and the node was declared dead.
+    """
+
+    def __init__(self, cores: list[int]) -> None:
+        import psutil
+
+        self.cores, self.me, self.error = set(cores), psutil.Process(os.getpid()), psutil.Error
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="worker-pinner", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for proc in self.me.children(recursive=True):
+                if not is_ray_worker(proc):
+                    continue
+                try:
+                    threads = [t.id for t in proc.threads()]
+                except self.error:
+                    continue
+                for tid in threads:  # sched_setaffinity(pid) alone pins only the main thread
+                    try:
+                        if os.sched_getaffinity(tid) != self.cores:
+                            os.sched_setaffinity(tid, self.cores)
+                    except OSError:
+                        continue
+            self._stop.wait(0.1)
+
+    def __enter__(self) -> WorkerPinner:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def worker_run(args: argparse.Namespace) -> int:
     """``--worker-run``: one run_corpus with a fresh local cluster; writes ``--result`` JSON."""
-    if args.pin_cores:
-        # Every process of the cluster (raylet, workers) inherits this affinity.
-        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.pin_cores])
     import ray
 
     from cellfoundry.config import CorpusJobConfig, parse_config
@@ -330,6 +370,7 @@ def worker_run(args: argparse.Namespace) -> int:
             "corpus": {
                 "catalog": args.catalog,
                 "output_dir": args.output,
+                "rows_per_chunk": args.rows_per_chunk,
                 "medians": {"method": "exact"},
                 "tokenize": {"mode": "v2"},
             },
@@ -341,7 +382,8 @@ def worker_run(args: argparse.Namespace) -> int:
             f"{cfg.corpus.output_dir} exists: a benchmark run needs a fresh output dir"
         )
     timings: dict[str, float] = {}
-    with MemorySampler(interval=0.2) as mem:
+    pin = sorted(os.sched_getaffinity(0))[: args.pin_cores] if args.pin_cores else None
+    with MemorySampler(interval=0.2) as mem, WorkerPinner(pin) if pin else nullcontext():
         _wrap_stages(timings, mem)
         with timed() as t_init:
             runtime.init_ray(cfg.ray)
@@ -353,7 +395,7 @@ def worker_run(args: argparse.Namespace) -> int:
     counts = result.counts
     doc = {
         "num_cpus": args.num_cpus,
-        "cores": args.pin_cores or n_cores(),
+        "cores": args.pin_cores or args.num_cpus,
         "init_s": t_init["s"],
         "stage_s": t_stage["s"],
         "cells_in": counts["cells_in"],
@@ -369,8 +411,28 @@ def worker_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def artifact_bytes(root: Path) -> dict[str, int]:
+    """Bytes on disk of each artifact of a run (``tokenized.hf``: the datasets copy, apart)."""
+    sizes = {d.name: _du(d) for d in sorted(root.iterdir()) if d.is_dir()}
+    if "tokenized" in sizes:
+        sizes["tokenized.hf"] = _du(root / "tokenized" / "hf")
+        sizes["tokenized"] -= sizes["tokenized.hf"]
+    return sizes
+
+
 def stage_run(
-    label: str, files: list[Path], num_cpus: int, *, pin_cores: int = 0, timeout: float, keep: bool
+    label: str,
+    files: list[Path],
+    num_cpus: int,
+    *,
+    pin_cores: int = 0,
+    rows_per_chunk: int,
+    timeout: float,
+    keep: bool,
 ) -> dict[str, Any] | None:
     """Run the whole stage in a subprocess; its result JSON, or None when it ran past ``timeout``."""
     run_dir = RUNS_DIR / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -382,7 +444,8 @@ def stage_run(
         sys.executable, str(Path(__file__).resolve()), "--worker-run",
         "--catalog", str(catalog), "--output", str(run_dir / "artifacts"),
         "--num-cpus", str(num_cpus), "--object-store", str(OBJECT_STORE_BYTES),
-        "--pin-cores", str(pin_cores), "--result", str(result),
+        "--pin-cores", str(pin_cores), "--rows-per-chunk", str(rows_per_chunk),
+        "--result", str(result),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     try:
@@ -400,7 +463,9 @@ def stage_run(
         if rc != 0 or not result.exists():
             tail = "\n".join(log.read_text().splitlines()[-40:])
             raise RuntimeError(f"stage run {label} failed (rc {rc}); log {log}:\n{tail}")
-        return json.loads(result.read_text())
+        out = json.loads(result.read_text())
+        out["artifact_bytes"] = artifact_bytes(run_dir / "artifacts")
+        return out
     finally:
         if not keep:
             shutil.rmtree(run_dir / "artifacts", ignore_errors=True)
@@ -431,16 +496,20 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--skip-stage", action="store_true", help="encoding comparison only")
     p.add_argument(
         "--scaling",
-        choices=["small", "full"],
-        default="small",
-        help="corpus size of the 1- vs 2-core comparison: the quarter corpus (default) or all of it",
+        choices=["full", "small"],
+        default="full",
+        help="corpus size of the 1- vs 2-core comparison: all of it (default) or the quarter "
+        "corpus (faster; fixed per-operator start-up costs weigh more there)",
     )
     p.add_argument(
         "--one-core",
-        choices=["pin", "ray"],
-        default="pin",
-        help="1-core run: a num_cpus=2 cluster pinned to one core (default), or num_cpus=1 "
-        "(hangs with the current library: an actor pool holds the only CPU)",
+        choices=["ray", "pin"],
+        default="ray",
+        help="1-core run: a num_cpus=1 cluster (default), or a num_cpus=2 cluster whose Ray "
+        "workers are pinned to one core (for library versions where num_cpus=1 hangs)",
+    )
+    p.add_argument(
+        "--rows-per-chunk", type=int, default=4096, help="corpus.rows_per_chunk of the stage runs"
     )
     p.add_argument(
         "--timeout", type=float, default=1800, help="seconds before a stage run is stopped"
@@ -499,14 +568,19 @@ def encoding_metrics(e: dict[str, Any]) -> dict[str, Any]:
     return m
 
 
+def one_label(args: argparse.Namespace) -> str:
+    """Name of the 1-core run: ``cpus1`` (a num_cpus=1 cluster) or ``core1`` (workers pinned)."""
+    return "cpus1" if args.one_core == "ray" else "core1"
+
+
 def stage_metrics(
     res: dict[str, dict[str, Any] | None], args: argparse.Namespace, ref_rate: float
 ) -> dict[str, Any]:
     m: dict[str, Any] = {}
-    big, small, one = res["cpus2"], res["cpus2-small"], res["core1"]
+    big, small, one = res["cpus2"], res["cpus2-small"], res[one_label(args)]
     assert big is not None and small is not None
     two = big if args.scaling == "full" else small
-    for key, r in (("cpus2", big), ("cpus2.small", small), ("core1", one)):
+    for key, r in (("cpus2", big), ("cpus2.small", small), (one_label(args), one)):
         if r is None:
             continue
         rate = r["cells_in"] / r["stage_s"]
@@ -514,13 +588,11 @@ def stage_metrics(
         m[f"stage.{key}.wall_s"] = round(r["stage_s"], 1)
         m[f"stage.{key}.cells_per_s"] = round(rate, 1)
         m[f"stage.{key}.cells_per_s_per_core"] = round(rate / r["cores"], 1)
+        m[f"stage.{key}.host_load_1m_mean"] = r["memory"]["host_load_1m_mean"]
         for sub, secs in r["substages_s"].items():
             m[f"stage.{key}.{sub}_s"] = round(secs, 1)
-    m["stage.core1.method"] = (
-        "num_cpus=2 cluster pinned to 1 core" if args.one_core == "pin" else "num_cpus=1 cluster"
-    )
     if one is None:
-        m["stage.core1.stopped_after_s"] = args.timeout
+        m[f"stage.{one_label(args)}.stopped_after_s"] = args.timeout
     else:
         m["stage.scaling_efficiency"] = round(
             (two["cells_in"] / two["stage_s"]) / (2 * one["cells_in"] / one["stage_s"]), 3
@@ -545,34 +617,30 @@ def stage_metrics(
         big["memory"]["worker_rss_mb"] / small["memory"]["worker_rss_mb"], 3
     )
     if one is not None:
-        m["stage.peak_worker_rss_mb.core1"] = one["memory"]["worker_rss_mb"]
+        m[f"stage.peak_worker_rss_mb.{one_label(args)}"] = one["memory"]["worker_rss_mb"]
+    for name, size in big["artifact_bytes"].items():
+        m[f"stage.bytes_per_cell.{name}"] = round(size / big["cells_in"], 1)
     m["stage.object_store_bytes"] = OBJECT_STORE_BYTES
-    m["stage.rows_per_chunk"] = 4096
+    m["stage.rows_per_chunk"] = args.rows_per_chunk
 
     rows = []
-    for label in ("cpus2", "cpus2-small", "core1"):
+    for label in ("cpus2", "cpus2-small", one_label(args)):
         r = res[label]
         if r is None:
-            rows.append([label, "-", "-", "stopped", "-", "-", "-", "-", "-"])
+            rows.append([label, "-", "-", "stopped", "-", "-", "-", "-", "-", "-"])
             continue
         rate = r["cells_in"] / r["stage_s"]
         rows.append([
             label, r["cores"], r["cells_in"], round(r["stage_s"], 1), round(rate), round(rate / r["cores"]),
             r["memory"]["worker_rss_mb"], r["memory"]["worker_uss_mb"], r["memory"]["driver_rss_mb"],
+            r["memory"]["host_load_1m_mean"],
         ])  # fmt: skip
     header = [
-        "run",
-        "cores",
-        "cells",
-        "wall s",
-        "cells/s",
-        "cells/s/core",
-        "worker RSS MB",
-        "worker USS MB",
-        "driver RSS MB",
-    ]
+        "run", "cores", "cells", "wall s", "cells/s", "cells/s/core",
+        "worker RSS MB", "worker USS MB", "driver RSS MB", "host load",
+    ]  # fmt: skip
     print(format_table(rows, header))
-    labels = [lab for lab in ("cpus2", "cpus2-small", "core1") if res[lab] is not None]
+    labels = [lab for lab in ("cpus2", "cpus2-small", one_label(args)) if res[lab] is not None]
     subs = list(big["substages_s"])
     print(
         format_table(
@@ -622,26 +690,33 @@ def main() -> int:
     with timed() as t:
         files = ensure_corpus(args.cells, args.files)
     print(f"  corpus ready ({t['s']:.1f} s): {CORPUS_DIR}")
+    source_bytes = sum(f.stat().st_size for f in files)
 
     print(f"encoding: {args.encode_cells:,} cells of file 0, 1 process, median of {args.repeats}")
     e = bench_encoding(files[0], args.encode_cells, args.repeats)
     m = encoding_metrics(e)
+    m["corpus.source_bytes_per_cell"] = round(
+        source_bytes / (math.ceil(args.cells / args.files) * args.files), 1
+    )
 
     if not args.skip_stage:
         small = files[: max(1, args.files // 4)]
-        one_core = (2, 1) if args.one_core == "pin" else (1, 0)
+        one_core = (2, 1) if args.one_core == "pin" else (1, 0)  # (num_cpus, pinned cores)
         runs = [
             ("cpus2", files, 2, 0),
             ("cpus2-small", small, 2, 0),
-            ("core1", files if args.scaling == "full" else small, *one_core),
+            (one_label(args), files if args.scaling == "full" else small, *one_core),
         ]
         res: dict[str, dict[str, Any] | None] = {}
         for label, fs, cpus, pin in runs:
             print(
-                f"stage: {label} ({len(fs)} files, num_cpus={cpus}{f', pinned to {pin} core' if pin else ''}) ...",
+                f"stage: {label} ({len(fs)} files, num_cpus={cpus}{f', workers pinned to {pin} core' if pin else ''}) ...",
                 flush=True,
             )
-            r = stage_run(label, fs, cpus, pin_cores=pin, timeout=args.timeout, keep=args.keep)
+            r = stage_run(
+                label, fs, cpus, pin_cores=pin, rows_per_chunk=args.rows_per_chunk,
+                timeout=args.timeout, keep=args.keep,
+            )  # fmt: skip
             res[label] = r
             if r is not None:
                 print(

@@ -21,15 +21,29 @@ def remap_csr(
     """Remap CSR column ids through ``mapping`` (-1 drops), summing entries that collide.
 
     Returns ``(indptr int64, indices int32 ascending per row, data)``; explicit zeros dropped.
+    Input columns must be ascending within each row (as readers and artifacts provide).
     """
-    n_rows = len(indptr) - 1
+    indptr = np.asarray(indptr, dtype=np.int64)
+    mapping = np.asarray(mapping)
     new = mapping[indices]
-    keep = new >= 0
+    keep = (new >= 0) & (np.asarray(data) != 0)
+    if _order_preserving(mapping):
+        # No two columns share a target and order is kept: filtering is all there is to do.
+        kept_before = np.zeros(len(keep) + 1, dtype=np.int64)
+        np.cumsum(keep, out=kept_before[1:])
+        return kept_before[indptr], new[keep].astype(np.int32), np.asarray(data)[keep]
+    n_rows = len(indptr) - 1
     rows = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(indptr))[keep]
-    m = sp.coo_matrix((data[keep], (rows, new[keep])), shape=(n_rows, n_out)).tocsr()
+    m = sp.coo_matrix((np.asarray(data)[keep], (rows, new[keep])), shape=(n_rows, n_out)).tocsr()
     m.sum_duplicates()  # also sorts the column ids of each row
     m.eliminate_zeros()
     return m.indptr.astype(np.int64), m.indices.astype(np.int32), m.data
+
+
+def _order_preserving(mapping: np.ndarray) -> bool:
+    """True when the mapped columns' targets strictly increase (no collisions, same order)."""
+    targets = mapping[mapping >= 0]
+    return bool(np.all(targets[1:] > targets[:-1]))
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
