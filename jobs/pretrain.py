@@ -15,10 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # a working-dir upload
 
-from cellfoundry import runtime
-from cellfoundry.config import PretrainJobConfig, load_config
+import cellfoundry.runtime  # noqa: F401  (first: a local cluster then binds to 127.0.0.1 only)
 from cellfoundry.logs import setup_logging
-from cellfoundry.train import run_pretrain
+from cellfoundry.train import run_pretrain_job
 
 
 def main() -> int:
@@ -29,11 +28,7 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     setup_logging()
-    cfg = load_config(PretrainJobConfig, args.config, args.set)
-    runtime.init_ray(cfg.ray)
-    result = run_pretrain(cfg)
-    print(json.dumps({"artifacts": result.paths(), "final_loss": result.final_loss, "steps": result.steps,
-                      "completed": result.completed}, indent=2))  # fmt: skip
+    print(json.dumps(run_pretrain_job(args.config, args.set), indent=2))
     return 0
 
 

@@ -23,14 +23,9 @@ def _corpus(args: argparse.Namespace) -> int:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from cellfoundry.config import PretrainJobConfig, load_config
-    from cellfoundry.train import run_pretrain
+    from cellfoundry.train import run_pretrain_job
 
-    cfg = load_config(PretrainJobConfig, args.config, args.set)
-    runtime.init_ray(cfg.ray)
-    result = run_pretrain(cfg)
-    print(json.dumps({"artifacts": result.paths(), "final_loss": result.final_loss, "steps": result.steps,
-                      "completed": result.completed}, indent=2))  # fmt: skip
+    print(json.dumps(run_pretrain_job(args.config, args.set), indent=2))
     return 0
 
 

@@ -9,7 +9,7 @@
 
 from cellfoundry.config.train import PretrainJobConfig
 from cellfoundry.train.loop import FAIL_ONCE_ENV, train_loop_per_worker
-from cellfoundry.train.trainer import PretrainResult, run_pretrain
+from cellfoundry.train.trainer import PretrainResult, run_pretrain, run_pretrain_job
 from cellfoundry.train.zero import Settings, deepspeed_config, resolve_settings
 
 __all__ = [
@@ -20,5 +20,6 @@ __all__ = [
     "deepspeed_config",
     "resolve_settings",
     "run_pretrain",
+    "run_pretrain_job",
     "train_loop_per_worker",
 ]

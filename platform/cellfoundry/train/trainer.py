@@ -189,3 +189,17 @@ def _write_model_artifact(
             "checkpoint": checkpoint_path, "log_dir": str(log_dir),
         }  # fmt: skip
     return Path(cfg.output_dir)
+
+
+def run_pretrain_job(config: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """What ``cellfoundry pretrain`` and ``jobs/pretrain.py`` do: load the YAML, join Ray, train.
+
+    Returns a JSON-able summary (artifact paths, final loss, steps, completed).
+    """
+    from cellfoundry.config.loader import load_config
+
+    cfg = load_config(PretrainJobConfig, config, overrides)
+    runtime.init_ray(cfg.ray)
+    result = run_pretrain(cfg)
+    return {"artifacts": result.paths(), "final_loss": result.final_loss, "steps": result.steps,
+            "completed": result.completed}  # fmt: skip
