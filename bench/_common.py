@@ -130,7 +130,33 @@ def is_ray_worker(proc: Any) -> bool:
         return False
 
 
-class MemorySampler:
+class BackgroundLoop:
+    """Calls ``tick()`` every ``interval`` seconds in a daemon thread while in a ``with``
+    block; ``tick()`` runs once more on exit."""
+
+    interval: float = 0.2
+
+    def tick(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.tick()
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> BackgroundLoop:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=type(self).__name__, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.tick()
+
+
+class MemorySampler(BackgroundLoop):
     """Peak memory of this process and of the Ray workers it started, sampled in a thread
     (with the host's 1-minute load average, to tell how busy the machine was).
 
@@ -163,10 +189,8 @@ class MemorySampler:
         #: label of what runs now (set it around a phase); peaks are also kept per phase
         self.phase = ""
         self.by_phase: dict[str, dict[str, float]] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
 
-    def _sample(self) -> None:
+    def tick(self) -> None:
         peak = self.peak
         try:
             driver = self.me.memory_info().rss / _MB
@@ -200,20 +224,6 @@ class MemorySampler:
             ph = self.by_phase.setdefault(self.phase, {"worker_rss_mb": 0.0, "driver_rss_mb": 0.0})
             ph["worker_rss_mb"] = max(ph["worker_rss_mb"], worker_max)
             ph["driver_rss_mb"] = max(ph["driver_rss_mb"], driver)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._sample()
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> MemorySampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
 
     @contextmanager
     def in_phase(self, label: str) -> Iterator[None]:

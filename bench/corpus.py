@@ -32,7 +32,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -41,6 +40,7 @@ from typing import Any
 from _common import (
     OUT_DIR,
     RESULTS_DIR,
+    BackgroundLoop,
     MemorySampler,
     command_line,
     device_string,
@@ -314,7 +314,7 @@ def _wrap_stages(timings: dict[str, float], mem: MemorySampler) -> None:
         setattr(module, name, wrapper)
 
 
-class WorkerPinner:
+class WorkerPinner(BackgroundLoop):
     """Pins every thread of every Ray worker this driver's cluster starts to ``cores``
     (re-applied 10x/s, so new workers and threads are caught within 0.1 s).
 
@@ -326,33 +326,22 @@ class WorkerPinner:
         import psutil
 
         self.cores, self.me, self.error = set(cores), psutil.Process(os.getpid()), psutil.Error
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="worker-pinner", daemon=True)
+        self.interval = 0.1
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for proc in self.me.children(recursive=True):
-                if not is_ray_worker(proc):
-                    continue
+    def tick(self) -> None:
+        for proc in self.me.children(recursive=True):
+            if not is_ray_worker(proc):
+                continue
+            try:
+                threads = [t.id for t in proc.threads()]
+            except self.error:
+                continue
+            for tid in threads:  # sched_setaffinity(pid) alone pins only the main thread
                 try:
-                    threads = [t.id for t in proc.threads()]
-                except self.error:
+                    if os.sched_getaffinity(tid) != self.cores:
+                        os.sched_setaffinity(tid, self.cores)
+                except OSError:
                     continue
-                for tid in threads:  # sched_setaffinity(pid) alone pins only the main thread
-                    try:
-                        if os.sched_getaffinity(tid) != self.cores:
-                            os.sched_setaffinity(tid, self.cores)
-                    except OSError:
-                        continue
-            self._stop.wait(0.1)
-
-    def __enter__(self) -> WorkerPinner:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def worker_run(args: argparse.Namespace) -> int:

@@ -46,6 +46,15 @@ def _order_preserving(mapping: np.ndarray) -> bool:
     return bool(np.all(targets[1:] > targets[:-1]))
 
 
+def row_sums(indptr: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Per-row sums of a CSR ``values`` array (0 for empty rows), in ``values``' dtype."""
+    out = np.zeros(len(indptr) - 1, dtype=values.dtype)
+    nz = np.diff(indptr) > 0
+    if values.size:
+        out[nz] = np.add.reduceat(values, np.asarray(indptr[:-1])[nz])
+    return out
+
+
 def _splitmix64(x: np.ndarray) -> np.ndarray:
     """A strong 64-bit mixer (splitmix64 finaliser), vectorised, wrapping arithmetic."""
     with np.errstate(over="ignore"):
@@ -66,12 +75,7 @@ def content_hash(indptr: np.ndarray, gene_ids: np.ndarray, counts: np.ndarray) -
     with np.errstate(over="ignore"):
         key = (gene_ids.astype(np.uint64) << np.uint64(32)) ^ counts.astype(np.uint64)
         h1, h2 = _splitmix64(key), _splitmix64(key ^ np.uint64(0x5851F42D4C957F2D))
-        nz = np.diff(indptr) > 0
-        s1 = np.zeros(n, dtype=np.uint64)
-        s2 = np.zeros(n, dtype=np.uint64)
-        if len(key):
-            s1[nz] = np.add.reduceat(h1, indptr[:-1][nz])
-            s2[nz] = np.add.reduceat(h2, indptr[:-1][nz])
+        s1, s2 = row_sums(indptr, h1), row_sums(indptr, h2)
         length = np.diff(indptr).astype(np.uint64)
         s1 = _splitmix64(s1 ^ length)
         s2 = _splitmix64(s2 ^ (length * np.uint64(0x9E3779B97F4A7C15)))
@@ -135,11 +139,7 @@ def chunk_to_cells(
     n = len(indptr) - 1
     indptr = np.asarray(indptr, dtype=np.int64)
     data = np.asarray(data, dtype=np.int64)
-    row_len = np.diff(indptr)
-    n_counts = np.zeros(n, dtype=np.int64)
-    nz = row_len > 0
-    if data.size:
-        n_counts[nz] = np.add.reduceat(data, indptr[:-1][nz])
+    n_counts = row_sums(indptr, data)
     g_ptr, g_ids, g_counts = remap_csr(indptr, indices, data, col_map, n_corpus_genes)
     rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(g_ptr))
     n_pc = np.bincount(rows[flags.protein_coding[g_ids]], minlength=n).astype(np.int32)

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from cellfoundry.corpus.filemap import resolve
 from cellfoundry.corpus.tokenized import csr_from_lists
 
 logger = logging.getLogger(__name__)
@@ -41,9 +42,7 @@ class VerifyGroup:
     """Ray Data ``map_groups`` UDF: cells sharing a key -> (order, duplicate_of) rows."""
 
     def __init__(self, panels: Any, min_identity: float) -> None:
-        import ray
-
-        self.panels: dict[str, np.ndarray] = ray.get(panels) if isinstance(panels, ray.ObjectRef) else panels
+        self.panels: dict[str, np.ndarray] = resolve(panels)
         self.min_identity = min_identity
 
     def __call__(self, group: pa.Table) -> pa.Table:

@@ -77,7 +77,7 @@ class ProbedDataset:
     chunks: list[tuple[int, int]]
 
 
-def _file_signature(uri: str) -> str:
+def file_signature(uri: str) -> str:
     """Size and modification time, so an edited input file invalidates its parts."""
     try:
         import pyarrow.fs as pafs
@@ -117,7 +117,7 @@ def probe_dataset(
             "set gene_id_column in the catalog to the var column holding Ensembl IDs or symbols",
         )
     signature = json.dumps(
-        [entry.to_row(), info.format, _file_signature(entry.uri), rows_per_chunk, salt, INGEST_VERSION],
+        [entry.to_row(), info.format, file_signature(entry.uri), rows_per_chunk, salt, INGEST_VERSION],
         sort_keys=True,
     )
     return ProbedDataset(

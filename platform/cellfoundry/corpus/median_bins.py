@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
+
+from cellfoundry.corpus.filemap import resolve
 
 SCALE = 10_000.0  #: values are counts / n_counts * SCALE
 CELL_COLUMNS = ["gene_ids", "counts", "n_counts"]
@@ -124,10 +125,6 @@ def reduce_by_key(
     return pa.table(cols, schema=schema)
 
 
-def _fetch(params: Any) -> Any:
-    return ray.get(params) if isinstance(params, ray.ObjectRef) else params
-
-
 def histogram_batch(batch: pa.Table, *, n_genes: int, edges: np.ndarray) -> pa.Table:
     """Pass-1 partial of one batch: (key, count), key = gene * n_bins + log bin; int32
     columns when the key space allows (8 bytes a row: these rows are what is shuffled)."""
@@ -141,7 +138,7 @@ def histogram_batch(batch: pa.Table, *, n_genes: int, edges: np.ndarray) -> pa.T
 def narrow_batch(batch: pa.Table, *, n_genes: int, params: Any) -> pa.Table:
     """Narrowing partial: values inside each active gene's [lo, hi], in n_sub linear
     sub-bins; key = gene * max(n_sub) + sub-bin. params = (lo, hi, step, n_sub) [n_genes]."""
-    lo, hi, step, n_sub = _fetch(params)
+    lo, hi, step, n_sub = resolve(params)
     genes, values = cell_values(batch, n_genes)
     keep = (values >= lo[genes]) & (values <= hi[genes])  # NaN lo/hi: inactive gene
     g, v = genes[keep], values[keep]
@@ -151,7 +148,7 @@ def narrow_batch(batch: pa.Table, *, n_genes: int, params: Any) -> pa.Table:
 
 def collect_batch(batch: pa.Table, *, n_genes: int, params: Any) -> pa.Table:
     """Final partial: the values inside each active gene's [lo, hi]; params = (lo, hi)."""
-    lo, hi = _fetch(params)
+    lo, hi = resolve(params)
     genes, values = cell_values(batch, n_genes)
     keep = (values >= lo[genes]) & (values <= hi[genes])
     return pa.table([genes[keep].astype(np.int32), values[keep]], schema=_VALUES)

@@ -46,7 +46,7 @@ def _n_partitions(n_rows: int) -> int:
 
 def _catalog_stage(cfg: CorpusConfig, out: Path) -> tuple[Path, list[cat.DatasetEntry]]:
     entries = cat.load_catalog(cfg.catalog)
-    rows = [{**e.to_row(), "signature": ingest._file_signature(e.uri)} for e in entries]
+    rows = [{**e.to_row(), "signature": ingest.file_signature(e.uri)} for e in entries]
     path = out / "catalog"
     fp = artifacts.fingerprint("catalog", rows, {})
     if artifacts.reusable(path, "catalog", fp):
@@ -97,10 +97,9 @@ def _ingest(probed: list[ProbedDataset], work: Path, genes: GeneIndex, metadata_
 
 
 def _cells_stage(cfg: CorpusConfig, out: Path, catalog_path: Path, entries: list[cat.DatasetEntry]) -> Path:
-
     path, work = out / "cells", out / "_work"
     table = GeneTable.load(cfg.gene_table)
-    salt = ingest._file_signature(str(table.source)) if getattr(table, "source", None) else "default"
+    salt = ingest.file_signature(str(table.source)) if getattr(table, "source", None) else "default"
     stage_cfg = {"gene_table": cfg.gene_table, "rows_per_chunk": cfg.rows_per_chunk, "qc": asdict(cfg.qc), "salt": salt}
     fp = artifacts.fingerprint("cells", stage_cfg, {"catalog": catalog_path})
     previous = artifacts.reusable(path, "cells", fp)
@@ -137,9 +136,12 @@ def _cells_stage(cfg: CorpusConfig, out: Path, catalog_path: Path, entries: list
             q["n_cells"] = by_id[ds_id].n_cells
         dataset_status[ds_id] = {"status": "quarantined", **q}
     good = [p for p in probed if p.entry.id not in quarantined]
+    by_dataset: dict[str, list[dict[str, Any]]] = {}
+    for s in stats:
+        by_dataset.setdefault(s["dataset_id"], []).append(s)
     thresholds = {}
     for p in good:
-        mine = [s for s in stats if s["dataset_id"] == p.entry.id]
+        mine = by_dataset[p.entry.id]
         m_counts = ingest.merge_moments([s["n_counts_moments"] for s in mine])
         m_mito = ingest.merge_moments([s["pct_mito_moments"] for s in mine])
         thresholds[p.entry.id] = qc.Thresholds.from_moments(

@@ -21,10 +21,10 @@ import pyarrow as pa
 
 from cellfoundry import artifacts
 from cellfoundry.corpus import sources
-from cellfoundry.corpus.cells import list_array, remap_csr
+from cellfoundry.corpus.cells import list_array, remap_csr, row_sums
 from cellfoundry.corpus.encode import RankEncoder
 from cellfoundry.corpus.filemap import PerItem, part_name, resolve, run_per_item, write_table_atomic
-from cellfoundry.corpus.ingest import _file_signature
+from cellfoundry.corpus.ingest import file_signature
 from cellfoundry.corpus.tokenized import length_histogram, merge_histograms
 from cellfoundry.genes import GeneformerDictionaries, GeneTable
 
@@ -107,13 +107,9 @@ class TokenizeChunks(PerItem):
             # One bad file must not take down the others: report it, write nothing.
             logger.error("%s, cells %d-%d: %s", uri, start, stop, exc)
             return {"uri": uri, "error": str(exc), "rows": 0}
-        if chunk.n_counts_obs is not None:
-            n_counts = chunk.n_counts_obs
-        else:
-            n_counts = np.zeros(len(chunk.indptr) - 1, dtype=np.float64)
-            nz = np.diff(chunk.indptr) > 0
-            if chunk.data.size:
-                n_counts[nz] = np.add.reduceat(chunk.data.astype(np.float64), chunk.indptr[:-1][nz])
+        n_counts = chunk.n_counts_obs
+        if n_counts is None:  # the cell's total raw count over all genes of its file
+            n_counts = row_sums(chunk.indptr, chunk.data.astype(np.float64))
         ptr, idx, cnt = remap_csr(chunk.indptr, chunk.indices, chunk.data, p["col_map"], len(self.encoder.token_ids))
         offsets, tokens = self.encoder.encode(ptr, idx, cnt, n_counts)
         table = pa.table({
@@ -168,7 +164,7 @@ def tokenize_files(
         plan[uri] = {"format": info.format, "col_map": col_map, "index": len(plan)}
         rows = info.n_cells if info.format in sources.WHOLE_FILE_FORMATS else rows_per_chunk
         items += [{"uri": uri, "start": s, "stop": t} for s, t in sources.chunk_ranges(info.n_cells, rows)]
-    config = {"inputs": list(inputs), "signatures": [_file_signature(u) for u in inputs],
+    config = {"inputs": list(inputs), "signatures": [file_signature(u) for u in inputs],
               "dictionaries": str(Path(dictionaries).resolve()), "mode": mode,
               "model_input_size": model_input_size, "gene_table": gene_table}  # fmt: skip
     out = Path(output)
