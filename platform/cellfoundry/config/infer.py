@@ -1,0 +1,170 @@
+"""Typed configs of stage 4 (embeddings and in-silico perturbation screens).
+
+``compute`` mirrors the arguments of Ray Data's ``map_batches`` (``batch_size``,
+``num_gpus``, ``num_cpus``, ``concurrency``) plus how each actor runs the model. This
+module imports neither torch nor Ray.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from cellfoundry.config.schema import RayConfig
+from cellfoundry.paths import expand
+
+KINDS = ("delete", "overexpress", "inhibit", "activate")
+
+
+@dataclass
+class InferComputeConfig:
+    """Where and how the model runs: an actor pool of ``map_batches``, each actor loading
+    the model once."""
+
+    batch_size: int = 256
+    """Cells per Ray Data batch handed to an actor (map_batches' batch_size)."""
+    model_batch_size: int = 32
+    """Sequences per forward pass inside an actor (after sorting by length)."""
+    max_tokens: int | None = None
+    """Also cap the padded tokens of one forward pass (null: rows only)."""
+    concurrency: int = 1
+    """Actors in the pool (map_batches' concurrency), e.g. one per GPU."""
+    num_gpus: float = 0
+    """GPUs per actor (map_batches' num_gpus); 0 runs on CPU."""
+    num_cpus: float = 1
+    """CPUs per actor (map_batches' num_cpus)."""
+    device: str = "auto"
+    """auto: CUDA when the actor has a GPU, else CPU."""
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 weights on CUDA, fp32 on CPU (bf16 asked for on CPU becomes fp32, warned)."""
+    compile: bool = False
+    """torch.compile the encoder layers (dynamic shapes; GPU runs)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.model_batch_size < 1:
+            raise ValueError("compute.batch_size and compute.model_batch_size must be >= 1")
+        if self.max_tokens is not None and self.max_tokens < 8:
+            raise ValueError("compute.max_tokens must be >= 8 (or null)")
+        if self.concurrency < 1:
+            raise ValueError("compute.concurrency must be >= 1 (actors in the pool)")
+        if self.num_gpus < 0 or self.num_cpus <= 0:
+            raise ValueError("compute.num_gpus must be >= 0 and compute.num_cpus > 0")
+
+
+@dataclass
+class EmbedJobConfig:
+    """What ``cellfoundry embed`` and ``jobs/embed.py`` read."""
+
+    model: str
+    """A model directory (config.json + model.safetensors + token_dictionary.json)."""
+    tokenized: str
+    """A tokenized artifact (``part-*.parquet`` shards with cell_id and input_ids)."""
+    output: str
+    """The AnnData file to write (``.h5ad``); gene embeddings, the UMAP and the manifest go
+    into the artifact folder beside it, ``<output without .h5ad>.embeddings/``."""
+    layer: int = -2
+    """Layer whose output is used: -2 second-to-last (the seeds' default), -1 the last."""
+    pooling: Literal["mean", "cls"] = "mean"
+    """Cell embedding: mean over gene tokens (specials excluded), or the <cls> state."""
+    genes: bool = True
+    """Also write contextual gene embeddings (``genes.parquet``)."""
+    group_by: str | None = None
+    """Metadata column that groups the gene embeddings (e.g. cell_type); null: "all"."""
+    umap_color: str | None = "cell_type"
+    """Metadata column colouring ``umap.png``; null: no UMAP."""
+    max_cells: int | None = None
+    """Embed only the first this many cells (in shard order); null: all."""
+    compute: InferComputeConfig = field(default_factory=InferComputeConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        self.model = os.path.abspath(expand(self.model))
+        self.tokenized = os.path.abspath(expand(self.tokenized))
+        self.output = os.path.abspath(expand(self.output))
+        if not self.output.endswith(".h5ad"):
+            raise ValueError(f"output {self.output!r} must end with .h5ad")
+        if self.max_cells is not None and self.max_cells < 1:
+            raise ValueError("max_cells must be >= 1 (or null for all cells)")
+
+    @property
+    def artifact_dir(self) -> str:
+        """The embeddings artifact folder beside ``output``."""
+        return self.output[: -len(".h5ad")] + ".embeddings"
+
+
+@dataclass
+class PerturbationSpec:
+    """One perturbation: a kind and one gene, or several genes perturbed together."""
+
+    kind: Literal["delete", "overexpress", "inhibit", "activate"]
+    genes: list[str]
+    """Ensembl IDs (or token ids) of the genes; more than one: a combination."""
+
+    def __post_init__(self) -> None:
+        if not self.genes:
+            raise ValueError("a perturbation needs genes: [ENSG...]")
+
+
+@dataclass
+class GoalConfig:
+    """Goal state: the mean embedding of the cells whose ``column`` equals ``value``."""
+
+    column: str
+    value: str
+    max_cells: int = 2000
+    """Goal cells embedded (the first ones in shard order)."""
+
+
+@dataclass
+class PerturbJobConfig:
+    """What ``cellfoundry perturb`` and ``jobs/perturb.py`` read."""
+
+    model: str
+    """A model directory (config.json + model.safetensors + token_dictionary.json)."""
+    tokenized: str
+    """A tokenized artifact whose cells are perturbed."""
+    output_dir: str
+    """The ``screen`` artifact: ``screen/part-*.parquet``, ``stats.parquet``,
+    ``gene_stats.parquet``, ``stats.png``. Finished shards are kept in ``<output_dir>.work``
+    so a rerun skips them."""
+    perturbations: list[PerturbationSpec] = field(default_factory=list)
+    """Perturbations applied to every cell (genes not expressed: see ``perturb_ops``)."""
+    genome_wide: Literal["delete", "overexpress", "inhibit", "activate"] | None = None
+    """Also perturb every gene each cell expresses, one at a time, with this kind."""
+    fraction: float = 0.25
+    """inhibit/activate move a gene by this share of the cell's ranks (a quartile)."""
+    layer: int = -2
+    pooling: Literal["mean", "cls"] = "mean"
+    gene_shifts: bool = True
+    """Per-gene embedding cosines of the genes left in place (large for genome-wide screens)."""
+    goal: GoalConfig | None = None
+    """Goal state for the goal shift; null: no goal shift (tests use the cell shift)."""
+    null_screen: str | None = None
+    """A screen artifact whose values are the null distribution; null: pooled others."""
+    filter: dict[str, list[str]] = field(default_factory=dict)
+    """Perturb only cells whose metadata column is one of the values, e.g.
+    {cell_type: [CD14+ Monocyte]}."""
+    max_cells: int | None = None
+    """Perturb at most this many cells per shard; null: all."""
+    max_sequences: int = 2048
+    """Perturbed sequences held at once per actor (bounds memory; results stream to disk)."""
+    compute: InferComputeConfig = field(default_factory=InferComputeConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        self.model = os.path.abspath(expand(self.model))
+        self.tokenized = os.path.abspath(expand(self.tokenized))
+        self.output_dir = os.path.abspath(expand(self.output_dir))
+        if self.null_screen is not None:
+            self.null_screen = os.path.abspath(expand(self.null_screen))
+        if not self.perturbations and self.genome_wide is None:
+            raise ValueError(
+                "give perturbations: [{kind: delete, genes: [ENSG...]}] or genome_wide: delete"
+            )
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError("fraction must lie in (0, 1] (0.25: a quartile of the cell's ranks)")
+        if self.max_cells is not None and self.max_cells < 1:
+            raise ValueError("max_cells must be >= 1 (or null for all cells)")
+        if self.max_sequences < 1:
+            raise ValueError("max_sequences must be >= 1")

@@ -1,0 +1,108 @@
+"""Helpers shared by the embedding and perturbation jobs: inputs, provenance, the Ray Data
+actor that holds an :class:`~cellfoundry.infer.embed.Embedder`."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cellfoundry import __version__
+from cellfoundry.config.infer import InferComputeConfig
+
+logger = logging.getLogger(__name__)
+
+#: Columns of a tokenized shard that are not cell metadata.
+TOKEN_COLUMNS = ("input_ids", "length")
+
+
+def shard_files(tokenized: str | Path) -> list[Path]:
+    """The ``part-*.parquet`` shards of a tokenized artifact, in name order."""
+    files = sorted(Path(tokenized).glob("part-*.parquet"))
+    if not files:
+        raise ValueError(
+            f"tokenized: {tokenized} holds no part-*.parquet shards; run `cellfoundry corpus` "
+            "or `cellfoundry tokenize` first, or point tokenized at their output"
+        )
+    schema = pq.read_schema(files[0])
+    for column in ("cell_id", "input_ids"):
+        if column not in schema.names:
+            raise ValueError(
+                f"tokenized: {files[0]} has no {column!r} column; is it a tokenized artifact?"
+            )
+    return files
+
+
+def model_signature(model: str | Path) -> dict[str, str]:
+    """What identifies a model directory: its manifest hash when it is an artifact, else a
+    hash of config.json and the weights' size and mtime."""
+    directory = Path(model)
+    if not (directory / "config.json").is_file():
+        raise ValueError(
+            f"model: {directory} has no config.json; point it at a model directory (run "
+            "`cellfoundry pretrain` first)"
+        )
+    manifest = directory / "manifest.json"
+    if manifest.is_file():
+        return {"model_manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest()}
+    h = hashlib.sha256((directory / "config.json").read_bytes())
+    for w in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("pytorch_model*.bin")):
+        st = w.stat()
+        h.update(f"{w.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return {"model_files_sha256": h.hexdigest()}
+
+
+def inputs_with_manifest(**paths: str | Path) -> dict[str, str]:
+    """The inputs that are complete artifacts (have a manifest.json), for write_artifact."""
+    return {k: str(p) for k, p in paths.items() if (Path(p) / "manifest.json").is_file()}
+
+
+def provenance(model: str, tokenized: str, **extra: Any) -> dict[str, Any]:
+    """The ``.uns["cellfoundry"]`` / manifest provenance of an output (no None values)."""
+    sig = model_signature(model)
+    out = {
+        "model_dir": str(model),
+        "model_manifest_sha256": sig.get("model_manifest_sha256", ""),
+        "input_dir": str(tokenized),
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "code_version": __version__,
+    }
+    out.update({k: ("" if v is None else v) for k, v in extra.items()})
+    return out
+
+
+def cells_of(batch: pa.Table) -> list[np.ndarray]:
+    """The ``input_ids`` of a batch as one int64 array per cell."""
+    column = batch["input_ids"].combine_chunks()
+    offsets = column.offsets.to_numpy()
+    values = column.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    return [values[offsets[i] : offsets[i + 1]] for i in range(len(column))]
+
+
+def map_batches_kwargs(compute: InferComputeConfig) -> dict[str, Any]:
+    """Ray Data ``map_batches`` resources of the actor pool."""
+    return {
+        "batch_size": compute.batch_size,
+        "concurrency": compute.concurrency,
+        "num_gpus": compute.num_gpus,
+        "num_cpus": compute.num_cpus,
+    }
+
+
+def embedder_kwargs(compute: InferComputeConfig, layer: int, pooling: str) -> dict[str, Any]:
+    """Keyword arguments of :class:`~cellfoundry.infer.embed.Embedder` from a config."""
+    return {
+        "layer": layer,
+        "pooling": pooling,
+        "device": compute.device,
+        "dtype": compute.dtype,
+        "batch_size": compute.model_batch_size,
+        "max_tokens": compute.max_tokens,
+        "compile": compute.compile,
+    }
