@@ -114,8 +114,9 @@ class BatchEvalConfig:
     max_pairs: int = 20000
     """Pairs per category: all of them when there are at most this many, else this many
     sampled uniformly (with replacement) with ``seed``."""
-    max_cells_nn: int = 20000
-    """Nearest-neighbour indices of cells use at most this many cells (a seeded subsample)."""
+    max_nn: int = 20000
+    """Rows entering the nearest-neighbour indices (cells; gene embeddings): beyond this, a
+    seeded subsample (of whole genes for gene embeddings). Cost grows with its square."""
     min_gene_cells: int = 1
     """Gene embeddings averaged over fewer cells than this are left out."""
     seed: int = 0
@@ -128,7 +129,7 @@ class BatchEvalConfig:
             stem = os.path.splitext(self.embeddings)[0]
             self.output_dir = f"{stem}-eval-batch"
         self.output_dir = os.path.abspath(expand(self.output_dir))
-        if self.max_pairs < 1 or self.max_cells_nn < 2:
-            raise ValueError("max_pairs must be >= 1 and max_cells_nn >= 2")
+        if self.max_pairs < 1 or self.max_nn < 2:
+            raise ValueError("max_pairs must be >= 1 and max_nn >= 2")
         if self.min_gene_cells < 1:
             raise ValueError("min_gene_cells must be >= 1")
