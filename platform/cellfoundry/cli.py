@@ -29,6 +29,21 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _embed(args: argparse.Namespace) -> int:
+    from cellfoundry.infer.embed_job import run_embed_job
+
+    flags = [f"{k}={v}" for k, v in (("model", args.model), ("tokenized", args.input), ("output", args.output)) if v]
+    print(json.dumps(run_embed_job(args.config, [*flags, *args.set]), indent=2))
+    return 0
+
+
+def _perturb(args: argparse.Namespace) -> int:
+    from cellfoundry.infer.perturb_job import run_perturb_job
+
+    print(json.dumps(run_perturb_job(args.config, args.set), indent=2))
+    return 0
+
+
 def _tokenize(args: argparse.Namespace) -> int:
     from cellfoundry.config import RayConfig
     from cellfoundry.corpus.tokenize_files import tokenize_files
@@ -59,6 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config (see jobs/configs/pretrain/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=1e-4")
     p.set_defaults(func=_pretrain)
+
+    p = sub.add_parser("embed", help="stage 4: cell (.h5ad) and gene (Parquet) embeddings (Ray Data)")
+    p.add_argument("--model", help="model directory")
+    p.add_argument("--input", help="tokenized artifact (part-*.parquet shards)")
+    p.add_argument("--output", help="AnnData file to write, OUT.h5ad")
+    p.add_argument("--config", default=None, help="YAML config (see jobs/configs/embed/); flags override it")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. layer=-1")
+    p.set_defaults(func=_embed)
+
+    p = sub.add_parser("perturb", help="stage 4: in-silico perturbation screen (Ray Data)")
+    p.add_argument("--config", required=True, help="YAML config (see jobs/configs/perturb/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. fraction=0.5")
+    p.set_defaults(func=_perturb)
 
     p = sub.add_parser("tokenize", help="tokenize h5ad/loom/10x files with Geneformer dictionaries")
     p.add_argument("inputs", nargs="+", help="input files (h5ad, loom, 10x .h5, 10x mtx folders)")

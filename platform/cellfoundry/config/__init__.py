@@ -1,5 +1,12 @@
 """Typed dataclass configs: YAML loading (unknown keys are errors) and ``--set a.b=c`` overrides."""
 
+from cellfoundry.config.infer import (
+    EmbedJobConfig,
+    GoalConfig,
+    InferComputeConfig,
+    PerturbationSpec,
+    PerturbJobConfig,
+)
 from cellfoundry.config.loader import ConfigError, config_to_dict, load_config, parse_config
 from cellfoundry.config.schema import (
     CorpusConfig,
@@ -29,10 +36,15 @@ __all__ = [
     "CorpusJobConfig",
     "DataConfig",
     "DeepSpeedConfig",
+    "EmbedJobConfig",
     "FailureConfig",
+    "GoalConfig",
+    "InferComputeConfig",
     "MediansConfig",
     "ModelConfig",
     "OptimConfig",
+    "PerturbJobConfig",
+    "PerturbationSpec",
     "PretrainJobConfig",
     "QCConfig",
     "RayConfig",

@@ -190,17 +190,3 @@ def run_embed_job(
     cfg = load_config(EmbedJobConfig, config, overrides)
     runtime.init_ray(cfg.ray)
     return run_embed(cfg).summary()
-
-
-def embed_cli(
-    model: str, tokenized: str, output: str, overrides: list[str] | tuple[str, ...] = ()
-) -> dict[str, Any]:
-    """``cellfoundry embed --model DIR --input TOKENIZED --output OUT.h5ad [--set k=v]``."""
-    from cellfoundry import runtime
-    from cellfoundry.config.loader import parse_config
-
-    cfg = parse_config(
-        EmbedJobConfig, {"model": model, "tokenized": tokenized, "output": output}, overrides
-    )
-    runtime.init_ray(cfg.ray)
-    return run_embed(cfg).summary()
