@@ -60,6 +60,25 @@ def _tokenize(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _evaluate_masked(args: argparse.Namespace) -> int:
+    from cellfoundry.evaluate.masked import run_masked_job
+
+    flags = {"model": args.model, "tokenized": args.tokens, "output_dir": args.output}
+    sets = [f"{k}={v}" for k, v in flags.items() if v is not None] + args.set
+    print(json.dumps(run_masked_job(args.config, sets), indent=2))
+    return 0
+
+
+def _evaluate_batch(args: argparse.Namespace) -> int:
+    from cellfoundry.evaluate.batch import run_batch_job
+
+    flags = {"embeddings": args.embeddings, "batch_key": args.batch_key, "label_key": args.label_key,
+             "gene_embeddings": args.gene_embeddings, "output_dir": args.output}  # fmt: skip
+    sets = [f"{k}={v}" for k, v in flags.items() if v is not None] + args.set
+    print(json.dumps(run_batch_job(args.config, sets), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cellfoundry", description=__doc__)
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
@@ -99,6 +118,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address (default: local)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local cluster")
     p.set_defaults(func=_tokenize)
+
+    p = sub.add_parser("evaluate", help="evaluation: masked-gene accuracy, batch robustness, probes")
+    ev = p.add_subparsers(dest="evaluation", required=True)
+    q = ev.add_parser("masked", help="masked-gene accuracy of a model vs the rank baseline")
+    q.add_argument("--model", help="model directory (config.json, safetensors, token dictionary)")
+    q.add_argument("--tokens", help="tokenized artifact (part-*.parquet shards)")
+    q.add_argument("--output", help="report folder (default: <model>-eval-masked beside the model)")
+    q.add_argument("--config", default=None, help="YAML config (see jobs/configs/evaluate/)")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. holdout.max_cells=500")
+    q.set_defaults(func=_evaluate_masked)
+    q = ev.add_parser("batch", help="cosine similarities of cell / gene pairs across batches")
+    q.add_argument("--embeddings", help="cell embeddings .h5ad (.obsm['X_cellfoundry'])")
+    q.add_argument("--batch-key", help=".obs column of batches (default dataset_id)")
+    q.add_argument("--label-key", help=".obs column of cell types (default cell_type)")
+    q.add_argument("--gene-embeddings", help="gene embeddings Parquet (one row per gene and group)")
+    q.add_argument("--output", help="report folder (default: <embeddings stem>-eval-batch)")
+    q.add_argument("--config", default=None, help="YAML config (see jobs/configs/evaluate/)")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. max_pairs=50000")
+    q.set_defaults(func=_evaluate_batch)
     return parser
 
 

@@ -101,7 +101,10 @@ class BatchEvalConfig:
     """``.obs`` column with cell types; cells with an empty or missing label only enter the
     label-free (same batch vs other batch) comparison."""
     gene_embeddings: str | None = None
-    """Gene embeddings Parquet (ensembl_id, token_id, group, n_cells, embedding); null: none."""
+    """Gene embeddings Parquet (ensembl_id, token_id, group, n_cells, embedding); null: the
+    ``genes.parquet`` that ``cellfoundry embed`` writes beside the .h5ad
+    (``<embeddings stem>.embeddings/genes.parquet``) when it exists; "none": skip genes.
+    The separability index needs them grouped (e.g. embed with group_by: dataset_id)."""
     output_dir: str | None = None
     """Where metrics.json, report.md and the PNGs go; default: ``<embeddings stem>-eval-batch``
     beside the embeddings file."""
@@ -123,7 +126,14 @@ class BatchEvalConfig:
 
     def __post_init__(self) -> None:
         self.embeddings = os.path.abspath(expand(self.embeddings))
-        if self.gene_embeddings is not None:
+        if self.gene_embeddings is None:
+            beside = os.path.join(
+                os.path.splitext(self.embeddings)[0] + ".embeddings", "genes.parquet"
+            )
+            self.gene_embeddings = beside if os.path.exists(beside) else None
+        elif self.gene_embeddings.lower() in ("none", ""):
+            self.gene_embeddings = None
+        else:
             self.gene_embeddings = os.path.abspath(expand(self.gene_embeddings))
         if self.output_dir is None:
             stem = os.path.splitext(self.embeddings)[0]

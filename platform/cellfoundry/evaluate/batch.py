@@ -63,7 +63,9 @@ def load_cells(cfg: BatchEvalConfig) -> tuple[np.ndarray, list, list]:
 
     path = Path(cfg.embeddings)
     if not path.is_file():
-        raise ValueError(f"embeddings: {path} does not exist; run `cellfoundry infer` first")
+        raise ValueError(
+            f"embeddings: {path} does not exist; run `cellfoundry embed` (stage 4) first"
+        )
     adata = anndata.read_h5ad(path)
     if cfg.obsm_key not in adata.obsm:
         raise ValueError(
@@ -89,7 +91,9 @@ def load_genes(path: str | Path, min_cells: int = 1) -> tuple[np.ndarray, list[s
     ``n_cells >= min_cells``."""
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"gene_embeddings: {path} does not exist; run `cellfoundry infer` first")
+        raise ValueError(
+            f"gene_embeddings: {path} does not exist; run `cellfoundry embed` (stage 4) first"
+        )
     table = pq.read_table(path)
     missing = [c for c in GENE_COLUMNS if c not in table.column_names]
     if missing:
@@ -113,8 +117,11 @@ def run_batch(cfg: BatchEvalConfig) -> BatchEvalResult:
         paths["gene_embeddings"] = cfg.gene_embeddings
     for name, p in paths.items():
         if not Path(p).exists():
-            raise ValueError(f"{name}: {p} does not exist; run `cellfoundry infer` first")
+            raise ValueError(f"{name}: {p} does not exist; run `cellfoundry embed` (stage 4) first")
     inputs, signatures = input_signatures(paths)
+    artifact_dir = Path(cfg.embeddings).with_suffix(".embeddings")  # stage 4's artifact folder
+    if (artifact_dir / artifacts.MANIFEST).is_file():
+        inputs["embeddings_artifact"] = str(artifact_dir)
     fp_config = {"config": config_to_dict(cfg), "input_files": signatures}
     fp = artifacts.fingerprint(KIND, fp_config, inputs)
     if artifacts.reusable(cfg.output_dir, KIND, fp) is not None:

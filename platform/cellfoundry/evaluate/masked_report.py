@@ -68,7 +68,8 @@ def _markdown(metrics: dict[str, Any], cfg: MaskedEvalConfig) -> str:
         f"Model `{cfg.model}` on held-out cells of `{cfg.tokenized}` "
         f"({ctx['held_out_cells']} held out, {m['n']} evaluated; rank baseline fit on "
         f"{ctx['training_cells']} training cells). {cfg.mask_fraction:.0%} of each cell's gene "
-        f"tokens (at most {ctx['max_length']} tokens per cell) became `<mask>`; seed {cfg.seed}.\n",
+        f"tokens (at most {ctx['max_length']} tokens per cell) became `<mask>`; seed {cfg.seed}. "
+        "This measures generalisation only if the held-out cells were left out of pretraining.\n",
         "## Per-cell accuracy (share of masked genes predicted correctly)\n",
         markdown_table(
             ["", "n cells", "mean", "median", "std", "q25", "q75"],

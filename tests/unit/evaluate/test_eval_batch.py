@@ -154,16 +154,17 @@ def _write_inputs(tmp: Path) -> tuple[Path, Path]:
         "n_cells": pa.array([3, 3, 3, 1, 3], pa.int64()),
         "embedding": pa.array([r.tolist() for r in GENES], pa.list_(pa.float32())),
     })  # fmt: skip
-    pq.write_table(table, tmp / "genes.parquet")
-    return tmp / "cells.h5ad", tmp / "genes.parquet"
+    (tmp / "cells.embeddings").mkdir()  # where `cellfoundry embed` puts them
+    pq.write_table(table, tmp / "cells.embeddings" / "genes.parquet")
+    return tmp / "cells.h5ad", tmp / "cells.embeddings" / "genes.parquet"
 
 
 def test_run_batch_files_label_map_and_reuse(tmp_path: Path) -> None:
     cells, genes = _write_inputs(tmp_path)
     cfg = parse_config(BatchEvalConfig, {
-        "embeddings": str(cells), "gene_embeddings": str(genes),
-        "label_map": {"CD19+ B": "B"}, "min_gene_cells": 2,
+        "embeddings": str(cells), "label_map": {"CD19+ B": "B"}, "min_gene_cells": 2,
     })  # fmt: skip
+    assert cfg.gene_embeddings == str(genes)  # found beside the .h5ad
     result = run_batch(cfg)
     out = tmp_path / "cells-eval-batch"
     assert result.output_dir == out and not result.reused
@@ -177,13 +178,16 @@ def test_run_batch_files_label_map_and_reuse(tmp_path: Path) -> None:
     assert "batch gap" in (out / "report.md").read_text()
     assert run_batch(cfg).reused
     only_b = parse_config(BatchEvalConfig, {"embeddings": str(cells), "batches": ["B"],
+                                            "gene_embeddings": "none",
                                             "output_dir": str(tmp_path / "b")})  # fmt: skip
-    assert run_batch(only_b).metrics["cells"]["n_cells"] == 2
+    only_b_metrics = run_batch(only_b).metrics
+    assert only_b_metrics["cells"]["n_cells"] == 2 and only_b_metrics["genes"] is None
+    assert not (tmp_path / "b" / "gene_similarity.png").exists()
 
 
 def test_run_batch_bad_inputs_name_the_fix(tmp_path: Path) -> None:
     cells, _ = _write_inputs(tmp_path)
-    with pytest.raises(ValueError, match="cellfoundry infer"):
+    with pytest.raises(ValueError, match="cellfoundry embed"):
         run_batch(parse_config(BatchEvalConfig, {"embeddings": str(tmp_path / "none.h5ad")}))
     with pytest.raises(ValueError, match="--batch-key"):
         run_batch(parse_config(BatchEvalConfig, {"embeddings": str(cells), "batch_key": "chem"}))
@@ -193,3 +197,16 @@ def test_run_batch_bad_inputs_name_the_fix(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="lack column"):
         run_batch(parse_config(BatchEvalConfig, {"embeddings": str(cells),
                                                  "gene_embeddings": str(tmp_path / "bad.parquet")}))  # fmt: skip
+
+
+def test_cli_evaluate_batch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cellfoundry.cli import main
+
+    cells, _ = _write_inputs(tmp_path)
+    argv = ["evaluate", "batch", "--embeddings", str(cells), "--batch-key", "dataset_id",
+            "--label-key", "cell_type", "--output", str(tmp_path / "out"), "--set", "seed=1"]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["output_dir"] == str(tmp_path / "out") and summary["n_cells"] == 5
+    assert summary["separability_index"] == 0.5
+    assert main([*argv[:4], "--batch-key", "nope"]) == 2  # a clear error, no traceback
