@@ -60,6 +60,16 @@ def _tokenize(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _synth(args: argparse.Namespace) -> int:
+    from cellfoundry.corpus.synthetic import generate_synthetic
+
+    data = generate_synthetic(args.output, n_cells=args.cells, seed=args.seed, n_genes=args.genes)
+    files = {k: str(v) for k, v in data.files.items()}
+    print(json.dumps({"catalog": str(data.catalog), "gene_table": str(data.gene_table), "files": files,
+                      "expected": data.truth["expected"]}, indent=2))  # fmt: skip
+    return 0
+
+
 def _evaluate_masked(args: argparse.Namespace) -> int:
     from cellfoundry.evaluate.masked import run_masked_job
 
@@ -118,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address (default: local)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local cluster")
     p.set_defaults(func=_tokenize)
+
+    p = sub.add_parser("synth", help="write realistic synthetic h5ad files + catalog (no ../shared/data needed)")
+    p.add_argument("--output", required=True, help="folder for the .h5ad files, genes.tsv, catalog.yaml, truth.json")
+    p.add_argument("--cells", type=int, default=3000, help="cells over all files (default 3000)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
+    p.add_argument("--genes", type=int, default=2000, help="genes in the panel (default 2000)")
+    p.set_defaults(func=_synth)
 
     p = sub.add_parser("evaluate", help="evaluation: masked-gene accuracy, batch robustness, probes")
     ev = p.add_subparsers(dest="evaluation", required=True)
