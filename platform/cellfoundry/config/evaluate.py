@@ -120,6 +120,8 @@ class BatchEvalConfig:
     max_nn: int = 20000
     """Rows entering the nearest-neighbour indices (cells; gene embeddings): beyond this, a
     seeded subsample (of whole genes for gene embeddings). Cost grows with its square."""
+    gene_groups: list[str] | None = None
+    """Keep only gene embeddings of these groups (e.g. the batches compared); null: all."""
     min_gene_cells: int = 1
     """Gene embeddings averaged over fewer cells than this are left out."""
     seed: int = 0

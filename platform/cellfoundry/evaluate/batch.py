@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -86,9 +87,11 @@ def load_cells(cfg: BatchEvalConfig) -> tuple[np.ndarray, list, list]:
     return emb, batches, labels
 
 
-def load_genes(path: str | Path, min_cells: int = 1) -> tuple[np.ndarray, list[str], list[str]]:
+def load_genes(
+    path: str | Path, min_cells: int = 1, groups: list[str] | None = None
+) -> tuple[np.ndarray, list[str], list[str]]:
     """(embeddings float32 [n, d], ensembl ids, groups) of the gene embedding rows with
-    ``n_cells >= min_cells``."""
+    ``n_cells >= min_cells`` (and a group in ``groups`` unless it is None)."""
     path = Path(path)
     if not path.exists():
         raise ValueError(
@@ -101,9 +104,12 @@ def load_genes(path: str | Path, min_cells: int = 1) -> tuple[np.ndarray, list[s
             f"{path}: gene embeddings lack column(s) {missing}; expected {list(GENE_COLUMNS)}"
         )
     table = table.filter(pc.greater_equal(table["n_cells"], min_cells))
+    if groups is not None:
+        table = table.filter(pc.is_in(pc.cast(table["group"], pa.string()), pa.array(groups)))
     if table.num_rows == 0:
         raise ValueError(
-            f"{path}: no gene embedding with n_cells >= {min_cells}; lower min_gene_cells"
+            f"{path}: no gene embedding with n_cells >= {min_cells} in groups {groups or 'any'}; "
+            "lower min_gene_cells or check gene_groups"
         )
     flat = pc.list_flatten(table["embedding"]).to_numpy(zero_copy_only=False)
     emb = flat.astype(np.float32).reshape(table.num_rows, -1)
@@ -135,7 +141,9 @@ def run_batch(cfg: BatchEvalConfig) -> BatchEvalResult:
     cells, cell_sims = cell_metrics(emb, batches, labels, **opts)
     genes = gene_sims = None
     if cfg.gene_embeddings:
-        g_emb, g_ids, g_groups = load_genes(cfg.gene_embeddings, cfg.min_gene_cells)
+        g_emb, g_ids, g_groups = load_genes(
+            cfg.gene_embeddings, cfg.min_gene_cells, cfg.gene_groups
+        )
         logger.info("gene embeddings: %d (gene, group) rows x %d dims", *g_emb.shape)
         genes, gene_sims = gene_metrics(g_emb, g_ids, g_groups, **opts)
     metrics = {"cells": cells, "genes": genes, "config": config_to_dict(cfg)}
