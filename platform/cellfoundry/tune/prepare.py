@@ -1,0 +1,183 @@
+"""From a config to what the loop needs: token dictionary, labelled cells, splits, devices;
+and the frozen-encoder linear probe (mean-pooled cell embeddings + logistic regression)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from cellfoundry.config.tune import FinetuneJobConfig
+from cellfoundry.genes.vocab import load_token_dictionary
+from cellfoundry.model import load_model, load_token_dictionary_for
+from cellfoundry.tune.data import (
+    LabelledCells,
+    gene_token_classes,
+    load_gene_labels,
+    load_labelled_cells,
+    stratified_subset,
+)
+from cellfoundry.tune.loop import TaskData
+from cellfoundry.tune.metrics import softmax
+from cellfoundry.tune.splits import Split, few_shot, make_splits
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """A config's cells, label names, splits and vocabulary."""
+
+    cells: LabelledCells
+    label_names: list[str]
+    splits: list[Split]
+    token_dictionary: dict[str, int]
+    gene_token_ids: np.ndarray | None = None
+    """Gene task: labelled genes' token ids (rows that ``splits`` index), and their classes."""
+    gene_classes: np.ndarray | None = None
+
+
+def token_dictionary_of(cfg: FinetuneJobConfig) -> dict[str, int]:
+    """The model's own token dictionary, else the vocabulary beside the tokens."""
+    found = load_token_dictionary_for(cfg.model.model_dir)
+    if found is not None:
+        return found
+    path = Path(cfg.data.tokenized).parent / "vocabulary" / "token_dictionary.json"
+    if not path.is_file():
+        raise ValueError(
+            f"{cfg.model.model_dir} has no token_dictionary.json and {path} does not exist"
+        )
+    return load_token_dictionary(path)
+
+
+def model_max_length(cfg: FinetuneJobConfig) -> int:
+    """``data.max_length`` capped by the model's ``max_position_embeddings``."""
+    config = json.loads((Path(cfg.model.model_dir) / "config.json").read_text())
+    limit = int(config.get("max_position_embeddings", 512))
+    return min(limit, cfg.data.max_length or limit)
+
+
+def prepare(cfg: FinetuneJobConfig) -> Prepared:
+    """Read the labelled cells of ``cfg`` and make its splits (cells, or genes for the gene task)."""
+    if not (Path(cfg.model.model_dir) / "config.json").is_file():
+        raise ValueError(
+            f"model.model_dir {cfg.model.model_dir}: no config.json; run `cellfoundry pretrain` first"
+        )
+    vocab = token_dictionary_of(cfg)
+    cells = load_labelled_cells(cfg, max_length=model_max_length(cfg), eos_id=vocab.get("<eos>"))
+    meta = cells.meta
+    column = meta[cfg.split.column].cast(str).to_numpy() if cfg.split.column else None
+    groups = meta[cfg.split.group_by].cast(str).to_numpy() if cfg.split.group_by else None
+    if cfg.task.kind == "cell":
+        splits = make_splits(cells.labels, cfg.split, column=column, groups=groups)
+        return Prepared(cells, cells.label_names, splits, vocab)
+    if cfg.split.column is not None or cfg.split.group_by is not None:
+        raise ValueError(
+            "task.kind gene splits the labelled genes: set split.column and split.group_by to null"
+        )
+    names, token_ids, classes = gene_token_classes(load_gene_labels(cfg), vocab)
+    splits = make_splits(classes, cfg.split)
+    return Prepared(cells, names, splits, vocab, token_ids, classes)
+
+
+def task_data(cfg: FinetuneJobConfig, prep: Prepared, split: Split) -> TaskData:
+    """The :class:`TaskData` of one split (few-shot applied to the training cells)."""
+    pad_id = prep.token_dictionary.get("<pad>", 0)
+    if prep.gene_token_ids is None:
+        train = split.train
+        if cfg.data.max_train_cells is not None and len(train) > cfg.data.max_train_cells:
+            train = train[
+                stratified_subset(prep.cells.labels[train], cfg.data.max_train_cells, cfg.seed)
+            ]
+        if cfg.data.few_shot is not None:
+            train = few_shot(train, prep.cells.labels, cfg.data.few_shot, cfg.seed)
+        return TaskData(
+            prep.cells, pad_id, prep.label_names, train, {"val": split.val, "test": split.test}
+        )
+    assert prep.gene_classes is not None
+    every = np.arange(len(prep.cells))
+    sides = {"train": split.train, "val": split.val, "test": split.test}
+    classes = {
+        side: {int(prep.gene_token_ids[r]): int(prep.gene_classes[r]) for r in rows}
+        for side, rows in sides.items()
+    }
+    return TaskData(
+        prep.cells, pad_id, prep.label_names, every, {"val": every, "test": every}, classes
+    )
+
+
+def device_for(cfg: FinetuneJobConfig) -> torch.device:
+    """CUDA when ``scaling.use_gpu`` and a GPU is visible, else CPU (with a warning if asked)."""
+    if cfg.scaling.use_gpu:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        logger.warning("scaling.use_gpu is true but no GPU is visible: training on CPU")
+    return torch.device("cpu")
+
+
+def set_threads(cfg: FinetuneJobConfig) -> None:
+    """Torch intra-op threads = the CPUs reserved for this run (default 1: more threads than
+    reserved cores oversubscribe a shared machine and run many times slower)."""
+    cpus = (
+        (cfg.scaling.resources_per_worker or {}).get("CPU")
+        or os.environ.get("OMP_NUM_THREADS")
+        or 1
+    )
+    torch.set_num_threads(max(1, int(float(cpus))))
+
+
+@torch.no_grad()
+def cell_embeddings(
+    encoder: torch.nn.Module, data: TaskData, rows: np.ndarray, *, special_ids: list[int],
+    batch_size: int, device: torch.device,
+) -> np.ndarray:  # fmt: skip
+    """float32 [n, hidden]: mean of the last hidden states over each cell's gene tokens
+    (``special_ids``, e.g. ``<cls>``/``<eos>``/``<pad>``, left out), from a frozen ``BertModel``."""
+    from cellfoundry.tune.loop import collate
+
+    specials = torch.tensor(sorted(set(special_ids) | {data.pad_id}), device=device)
+    out = []
+    for start in range(0, len(rows), batch_size):
+        batch = collate(replace(data, gene_classes={}), rows[start : start + batch_size], "test")
+        ids = batch["input_ids"].to(device)
+        hidden = encoder(
+            input_ids=ids, attention_mask=batch["attention_mask"].to(device)
+        ).last_hidden_state
+        keep = (~torch.isin(ids, specials)).unsqueeze(-1).float()  # [b, L, 1]
+        out.append(((hidden * keep).sum(1) / keep.sum(1).clamp(min=1)).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def linear_probe(
+    cfg: FinetuneJobConfig, data: TaskData, device: torch.device
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Logistic regression on frozen cell embeddings: side -> (y_true, probabilities)."""
+    encoder = load_model(cfg.model.model_dir).bert.to(device).eval()
+    vocab = token_dictionary_of(cfg)
+    kw = {
+        "special_ids": [v for k, v in vocab.items() if k.startswith("<")],
+        "batch_size": cfg.data.batch_size, "device": device,
+    }  # fmt: skip
+    x_train = cell_embeddings(encoder, data, data.train_rows, **kw)
+    scaler = StandardScaler().fit(x_train)
+    clf = LogisticRegression(max_iter=cfg.baselines.max_iter).fit(
+        scaler.transform(x_train), data.cells.labels[data.train_rows]
+    )
+    out = {}
+    for side, rows in data.eval_rows.items():
+        x = scaler.transform(cell_embeddings(encoder, data, rows, **kw))
+        scores = np.full((len(rows), len(data.label_names)), -1e9)
+        scores[:, clf.classes_] = (
+            clf.decision_function(x)
+            if len(clf.classes_) > 2
+            else np.log(clf.predict_proba(x) + 1e-12)
+        )
+        out[side] = (data.cells.labels[rows], softmax(scores))
+    return out
