@@ -44,6 +44,13 @@ def _perturb(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from cellfoundry.serve import run_serve_job
+
+    run_serve_job(args.config, args.set, blocking=True)
+    return 0
+
+
 def _tokenize(args: argparse.Namespace) -> int:
     from cellfoundry.config import RayConfig
     from cellfoundry.corpus.tokenize_files import tokenize_files
@@ -116,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config (see jobs/configs/perturb/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. fraction=0.5")
     p.set_defaults(func=_perturb)
+
+    p = sub.add_parser("serve", help="stage 5: the HTTP API (/embed, /classify, /perturb) on Ray Serve")
+    p.add_argument("--config", required=True, help="YAML config (see jobs/configs/serve/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. http.port=8001")
+    p.set_defaults(func=_serve)
 
     p = sub.add_parser("tokenize", help="tokenize h5ad/loom/10x files with Geneformer dictionaries")
     p.add_argument("inputs", nargs="+", help="input files (h5ad, loom, 10x .h5, 10x mtx folders)")
