@@ -1,8 +1,8 @@
 """Typed configs of stage 4 (embeddings and in-silico perturbation screens).
 
 ``compute`` mirrors the arguments of Ray Data's ``map_batches`` (``batch_size``,
-``num_gpus``, ``num_cpus``, ``concurrency``) plus how each actor runs the model. This
-module imports neither torch nor Ray.
+``num_gpus``, ``num_cpus``; ``concurrency`` is the size of its ``ActorPoolStrategy``) plus
+how each actor runs the model. This module imports neither torch nor Ray.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class InferComputeConfig:
     max_tokens: int | None = None
     """Also cap the padded tokens of one forward pass (null: rows only)."""
     concurrency: int = 1
-    """Actors in the pool (map_batches' concurrency), e.g. one per GPU."""
+    """Actors in the pool (``ActorPoolStrategy(size=...)``), e.g. one per GPU."""
     num_gpus: float = 0
     """GPUs per actor (map_batches' num_gpus); 0 runs on CPU."""
     num_cpus: float = 1

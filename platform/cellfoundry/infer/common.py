@@ -86,10 +86,12 @@ def cells_of(batch: pa.Table) -> list[np.ndarray]:
 
 
 def map_batches_kwargs(compute: InferComputeConfig) -> dict[str, Any]:
-    """Ray Data ``map_batches`` resources of the actor pool."""
+    """Ray Data ``map_batches`` arguments: a fixed-size actor pool and its resources."""
+    import ray.data
+
     return {
         "batch_size": compute.batch_size,
-        "concurrency": compute.concurrency,
+        "compute": ray.data.ActorPoolStrategy(size=compute.concurrency),
         "num_gpus": compute.num_gpus,
         "num_cpus": compute.num_cpus,
     }

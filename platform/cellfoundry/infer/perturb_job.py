@@ -155,10 +155,15 @@ def run_perturb(cfg: PerturbJobConfig) -> PerturbResult:
     """Run the screen of ``cfg`` (Ray must be initialised; see :func:`run_perturb_job`)."""
     import ray
 
+    from cellfoundry.infer.perturb_ops import perturbation_from_genes
+    from cellfoundry.model import load_token_dictionary_for
     from cellfoundry.runtime import configure_data_context
 
     files = shard_files(cfg.tokenized)
     config = {**config_to_dict(cfg), "model_signature": model_signature(cfg.model)}
+    vocab = load_token_dictionary_for(cfg.model) or {}
+    for spec in cfg.perturbations:  # unknown genes fail here, not inside an actor
+        perturbation_from_genes(spec.kind, spec.genes, vocab)
     config.pop("ray")
     for key in ("concurrency", "num_cpus", "batch_size"):  # where it runs, not what it computes
         config["compute"].pop(key)
