@@ -46,8 +46,12 @@ def _codes(values: Sequence[Any]) -> tuple[np.ndarray, list[str]]:
 
 def _members(keys: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
     """Rows of each distinct key (keys >= 0 only), and those keys."""
-    uniq = np.unique(keys[keys >= 0])
-    return [np.flatnonzero(keys == k) for k in uniq], uniq
+    rows = np.flatnonzero(keys >= 0)
+    if rows.size == 0:
+        return [], np.empty(0, dtype=np.int64)
+    rows = rows[np.argsort(keys[rows], kind="stable")]  # grouped by key, ascending rows inside
+    uniq, starts = np.unique(keys[rows], return_index=True)
+    return np.split(rows, starts[1:]), uniq
 
 
 def _category(unit, members, blocks, max_pairs, rng, exclude=None) -> tuple[dict, np.ndarray]:

@@ -63,6 +63,15 @@ def test_cell_categories_hand_case() -> None:
     assert m["batches"] == {"A": 3, "B": 2} and m["labels"] == {"T": 3, "U": 1}
 
 
+def test_unlabelled_cells_enter_only_the_label_free_comparison() -> None:
+    m, _ = cell_metrics(CELLS, BATCHES, [None] * 5)
+    c = m["categories"]
+    assert [c[k]["n_pairs"] for k in c] == [0, 0, 0, 4, 6]
+    assert m["batch_gap"] is None and m["label_neighbours"] is None and m["n_labelled"] == 0
+    with pytest.raises(ValueError, match="no batch"):
+        cell_metrics(CELLS, ["A", None, "B", "A", "B"], LABELS)
+
+
 def test_gene_categories_and_separability_hand_case() -> None:
     m, _ = gene_metrics(GENES, GENE_IDS, GROUPS)
     c = m["categories"]
