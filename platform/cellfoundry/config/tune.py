@@ -332,3 +332,30 @@ class TuneJobConfig:
                 )
         if self.interrupt_after_trials is not None and self.interrupt_after_trials < 1:
             raise ValueError("interrupt_after_trials must be >= 1 or null")
+
+
+@dataclass
+class ProbeConfig:
+    """What ``cellfoundry evaluate probe`` reads: a linear probe on frozen cell embeddings vs
+    the fine-tuned classifier vs scikit-learn baselines on raw counts, on the same splits."""
+
+    finetune: FinetuneJobConfig
+    """Data, splits, pretrained model, fine-tuning and baseline settings (``model.mode`` and
+    ``output_dir`` are not used: ``methods`` says what runs)."""
+    output_dir: str
+    """probe_report.json, probe_report.md, confusion_matrix.png, roc.png."""
+    methods: list[str] = field(default_factory=lambda: ["probe", "full"])
+    """Any of probe (frozen encoder + logistic regression), full, qlora (fine-tuned)."""
+    finetuned_dir: str | None = None
+    """A ``finetuned`` artifact (from ``cellfoundry finetune`` on the same data and splits)
+    to score instead of fine-tuning its mode here."""
+
+    def __post_init__(self) -> None:
+        self.output_dir = os.path.abspath(expand(self.output_dir))
+        if self.finetuned_dir is not None:
+            self.finetuned_dir = os.path.abspath(expand(self.finetuned_dir))
+        unknown = sorted(set(self.methods) - {"probe", "full", "qlora"})
+        if unknown or not self.methods:
+            raise ValueError(f"methods: {unknown or 'empty'}; choose from probe, full, qlora")
+        if self.finetune.task.kind != "cell":
+            raise ValueError("the probe comparison is for cells: set finetune.task.kind: cell")

@@ -96,7 +96,7 @@ class Comparison:
 
 def _fit_model(
     cfg: FinetuneJobConfig, mode: str, prep: Prepared, split_index: int, device: torch.device,
-    on_epoch: EpochCallback | None,
+    on_epoch: EpochCallback | None, trained: torch.nn.Module | None = None,
 ) -> tuple[MethodResult, torch.nn.Module | None]:  # fmt: skip
     split = prep.splits[split_index]
     run_cfg = replace(cfg, model=replace(cfg.model, mode=mode))
@@ -106,11 +106,14 @@ def _fit_model(
         y, s = linear_probe(run_cfg, data, device)["test"]
         return MethodResult(classification_metrics(y, s, prep.label_names), y, s,
                             {"seconds": time.perf_counter() - start}), None  # fmt: skip
-    model = build_classifier(
-        run_cfg.model, task=cfg.task.kind, label_names=prep.label_names, seed=cfg.seed,
-        on_gpu=device.type == "cuda",
-    )  # fmt: skip
-    model, last = train_classifier(run_cfg, data, model, device, on_epoch=on_epoch)
+    if trained is not None:
+        model, last = trained.to(device), {}
+    else:
+        model = build_classifier(
+            run_cfg.model, task=cfg.task.kind, label_names=prep.label_names, seed=cfg.seed,
+            on_gpu=device.type == "cuda",
+        )  # fmt: skip
+        model, last = train_classifier(run_cfg, data, model, device, on_epoch=on_epoch)
     test = evaluate(model, data, "test", cfg.data.batch_size, device)
     y, s = test.pop("y_true"), test.pop("scores")
     return MethodResult(test, y, s, {**last, "seconds": time.perf_counter() - start}), model
@@ -118,10 +121,11 @@ def _fit_model(
 
 def compare(
     cfg: FinetuneJobConfig, methods: Sequence[str], *, prep: Prepared | None = None,
-    on_epoch: EpochCallback | None = None,
+    on_epoch: EpochCallback | None = None, trained: dict[str, torch.nn.Module] | None = None,
 ) -> Comparison:  # fmt: skip
     """Run ``methods`` (any of full, qlora, probe) and ``cfg.baselines.methods`` (cell task,
-    when raw counts are available) on every split of ``cfg``."""
+    when raw counts are available) on every split of ``cfg``. A model in ``trained`` (by
+    method) is evaluated on the first split instead of being trained there."""
     unknown = [m for m in methods if m not in MODEL_METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {list(MODEL_METHODS)}")
@@ -145,7 +149,8 @@ def compare(
         res: dict[str, MethodResult] = {}
         for mode in methods:
             logger.info("%s: %s", split.name, METHOD_TITLES[mode])
-            res[mode], model = _fit_model(cfg, mode, prep, i, device, on_epoch)
+            given = (trained or {}).get(mode) if i == 0 else None
+            res[mode], model = _fit_model(cfg, mode, prep, i, device, on_epoch, given)
             if model is not None and i == 0:
                 models[mode] = model
         if counts is not None:
