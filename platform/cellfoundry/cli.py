@@ -29,6 +29,20 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    from cellfoundry.tune import run_finetune_job
+
+    print(json.dumps(run_finetune_job(args.config, args.set), indent=2))
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from cellfoundry.tune import run_tune_job
+
+    print(json.dumps(run_tune_job(args.config, args.set), indent=2, default=str))
+    return 0
+
+
 def _embed(args: argparse.Namespace) -> int:
     from cellfoundry.infer.embed_job import run_embed_job
 
@@ -110,6 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config (see jobs/configs/pretrain/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=1e-4")
     p.set_defaults(func=_pretrain)
+
+    p = sub.add_parser("finetune", help="stage 3: fine-tune a classifier (full, probe, few-shot, QLoRA) + baselines")
+    p.add_argument("--config", required=True, help="YAML config (see jobs/configs/finetune/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.learning_rate=0.0001")
+    p.set_defaults(func=_finetune)
+
+    p = sub.add_parser("tune", help="stage 3: hyperparameter search (Ray Tune + HyperOpt + ASHA)")
+    p.add_argument("--config", required=True, help="YAML config (see jobs/configs/tune/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. tune.num_samples=16")
+    p.set_defaults(func=_tune)
 
     p = sub.add_parser("embed", help="stage 4: cell (.h5ad) and gene (Parquet) embeddings (Ray Data)")
     p.add_argument("--model", help="model directory")

@@ -61,13 +61,14 @@ def markdown(
 def write_report(
     comparison: Comparison, directory: Path, *, title: str, main_method: str,
     notes: list[str] | None = None, extra: dict[str, Any] | None = None,
+    metrics_file: str = METRICS_FILE, report_file: str = REPORT_FILE,
 ) -> dict[str, Any]:  # fmt: skip
-    """Write metrics.json, report.md, confusion_matrix.png and roc.png into ``directory``;
-    returns the metrics JSON."""
+    """Write ``metrics_file`` (JSON), ``report_file`` (Markdown), confusion_matrix.png (of
+    ``main_method``) and roc.png (every method) into ``directory``; returns the JSON."""
     directory.mkdir(parents=True, exist_ok=True)
     data = {**comparison.to_json(), **(extra or {})}
-    (directory / METRICS_FILE).write_text(json.dumps(data, indent=2) + "\n")
-    (directory / REPORT_FILE).write_text(
+    (directory / metrics_file).write_text(json.dumps(data, indent=2) + "\n")
+    (directory / report_file).write_text(
         markdown(comparison, title=title, main_method=main_method, notes=notes)
     )
     first = next(iter(comparison.results.values()))
