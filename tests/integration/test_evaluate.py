@@ -193,3 +193,27 @@ def test_batch_metrics_on_real_embeddings(
     assert sep["n_eligible"] == int(eligible.sum()) and sep["index"] == pytest.approx(index)
     assert m["genes"]["groups"] == sorted(BATCHES)
     assert summary["separability_index"] == sep["index"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_masked_on_gpu_agrees_with_cpu(pbmc_corpus: Any, tiny_model: Path, tmp_path: Path) -> None:
+    """fp32 on the GPU gives the CPU's predictions (up to argmax ties); bf16 autocast stays close."""
+    runs = {}
+    for name, device, dtype in (
+        ("cpu", "cpu", "fp32"),
+        ("gpu", "cuda", "fp32"),
+        ("bf16", "cuda", "bf16"),
+    ):
+        cfg = parse_config(MaskedEvalConfig, {
+            "model": str(tiny_model), "tokenized": str(pbmc_corpus.tokenized),
+            "output_dir": str(tmp_path / name), "device": device, "dtype": dtype,
+            "holdout": {"mode": "hash", "fraction": 0.05, "max_cells": 200},
+        })  # fmt: skip
+        run_masked(cfg)
+        runs[name] = pq.read_table(tmp_path / name / "per_cell.parquet").to_pandas()
+    cpu, gpu, bf16 = runs["cpu"], runs["gpu"], runs["bf16"]
+    assert (cpu["cell_id"] == gpu["cell_id"]).all() and (cpu["n_masked"] == gpu["n_masked"]).all()
+    assert (cpu["baseline_correct"] == bf16["baseline_correct"]).all()
+    assert (cpu["model_correct"] == gpu["model_correct"]).mean() >= 0.98
+    assert abs(cpu["model_accuracy"].mean() - bf16["model_accuracy"].mean()) < 0.02

@@ -20,7 +20,7 @@ from cellfoundry.evaluate.masking import (
     select_cells,
     special_mask,
 )
-from cellfoundry.evaluate.predict import MaskedPredictor
+from cellfoundry.evaluate.predict import MaskedPredictor, resolve_device
 from cellfoundry.evaluate.report import paired_difference, summarize
 
 VOCAB = {
@@ -186,3 +186,13 @@ def test_predictor_results_do_not_depend_on_batching_or_padding() -> None:
             logits = model(input_ids=ids[None]).logits[0]
         logits[:, :4] = float("-inf")
         np.testing.assert_array_equal(logits.argmax(-1).numpy()[pos], guess)
+
+
+def test_resolve_device_downgrades_bf16_on_cpu() -> None:
+    with pytest.warns(UserWarning, match="fp32"):
+        assert resolve_device("cpu", "bf16") == (torch.device("cpu"), None)
+    assert resolve_device("cpu", "auto") == (torch.device("cpu"), None)
+    if not torch.cuda.is_available():
+        assert resolve_device("auto", "auto") == (torch.device("cpu"), None)
+        with pytest.raises(ValueError, match="device: auto or cpu"):
+            resolve_device("cuda", "auto")
