@@ -1,5 +1,6 @@
 """Typed dataclass configs: YAML loading (unknown keys are errors) and ``--set a.b=c`` overrides."""
 
+from cellfoundry.config.evaluate import BatchEvalConfig, HoldoutConfig, MaskedEvalConfig
 from cellfoundry.config.infer import (
     EmbedJobConfig,
     GoalConfig,
@@ -48,6 +49,7 @@ from cellfoundry.config.tune import (
 __all__ = [
     "ASHAConfig",
     "BaselineConfig",
+    "BatchEvalConfig",
     "CheckpointConfig",
     "ConfigError",
     "CorpusConfig",
@@ -60,10 +62,12 @@ __all__ = [
     "FinetuneModelConfig",
     "FinetuneOptimConfig",
     "GoalConfig",
+    "HoldoutConfig",
     "HyperOptConfig",
     "InferComputeConfig",
     "LabelDataConfig",
     "LoraConfig",
+    "MaskedEvalConfig",
     "MediansConfig",
     "ModelConfig",
     "OptimConfig",
