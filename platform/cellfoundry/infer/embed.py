@@ -75,11 +75,11 @@ class Embedder:
         token_dictionary: Mapping[str, int] | None = None,
         compile: bool = False,
     ) -> None:
-        from cellfoundry.model import load_model, load_token_dictionary_for
-
         if pooling not in ("mean", "cls"):
             raise ValueError(f"pooling {pooling!r}: use 'mean' or 'cls'")
         if isinstance(model, (str, Path)):
+            from cellfoundry.model import load_model
+
             directory = Path(model)
             dev = resolve_device(device)
             model = load_model(directory).to(dev, dtype=resolve_dtype(dtype, dev))
@@ -88,6 +88,8 @@ class Embedder:
             if device != "auto" and not getattr(model, "is_quantized", False):
                 model = model.to(resolve_device(device))
         if token_dictionary is None and directory.is_dir():
+            from cellfoundry.model import load_token_dictionary_for
+
             token_dictionary = load_token_dictionary_for(directory)
         if token_dictionary is None:
             raise ValueError(

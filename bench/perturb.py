@@ -1,0 +1,341 @@
+"""Stage 4 (perturbation) benchmark: perturbed cells/s of a deletion screen on one GPU,
+against a reference-style baseline, and the projected cost of the paper's genome-wide screen.
+
+    PYTHONPATH=platform python bench/perturb.py                 # one GPU -> bench/results/perturb.json
+    .venv/bin/python bench/perturb.py --cpu-dry-run              # CPU check -> bench/out/perturb_dry.json
+
+1. Cells: ``--cells`` cells of ``--length`` tokens (default 4,096: ``<cls>``, 4,094 distinct
+   random genes, ``<eos>``); each deletion gives a 4,095-token sequence. Weights are random
+   (``--seed``): throughput does not depend on them. ``--perturbations`` single-gene
+   deletions per cell, evenly spaced over the ranks (a sample of the cell's 4,094).
+2. Optimized (``--preset``, default gf-316m): ``cellfoundry.infer.perturb_cells`` as the
+   screen runs it: bf16 weights, SDPA attention, the encoder stopped at the second-to-last
+   layer (no last layer, no MLM head), the original cell run once and reused for every
+   perturbation, sequences sorted by length in batches of ``--batch-size`` (halved on
+   out-of-memory), optionally ``torch.compile`` of the layers (``--compile``). Timed: the
+   whole call (building the perturbed sequences, forward passes, pooling, cosines).
+3. Baseline, as the reference code runs: fp32 with TF32 off, eager attention, the full
+   ``BertForMaskedLM`` forward with ``output_hidden_states`` (every layer and the MLM head),
+   each cell's perturbed copies built with list operations and run ``--baseline-batch`` at a
+   time, the second-to-last hidden state mean-pooled, cosine to the original cell. Same
+   weights (same seed); its first ``--baseline-perturbations`` deletions are the optimized
+   run's first ones, so their cell cosines are compared (``max_abs_cell_cos_diff``).
+4. cells/s = perturbed sequences per second (one forward pass each, as the paper counts
+   them). Projected screen: 30,000 cells x 4,097 = 122,910,000 forward passes at the
+   measured rate, in GPU-days (``screen_h100_days`` when the GPU is an H100). For reference
+   (quoted, not measured here): the paper estimates 32.8 days on 12 A100s in full precision
+   and 5.9 days in 8-bit.
+5. On a GPU writes ``bench/results/perturb.json`` and its section of ``bench/RESULTS.md``
+   (``--no-record``: ``bench/out/perturb.json``). Without CUDA it runs only with
+   ``--cpu-dry-run`` (preset tiny, 256 tokens, a few perturbations), which checks the code
+   path and writes ``bench/out/perturb_dry.json``.
+
+Needs torch, transformers, numpy and pyarrow only (the GPU image has them): the model is
+built through ``bench/pretrain.py``'s loader; ray, polars and deepspeed are never imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from _common import BENCH_DIR, OUT_DIR, command_line, device_string, format_table, write_results
+from pretrain import gpu_device_string, load_platform
+
+RESULTS_MD = BENCH_DIR / "RESULTS.md"
+MD_BEGIN, MD_END = "<!-- bench/perturb.py: begin -->", "<!-- bench/perturb.py: end -->"
+SCREEN_PASSES = 30_000 * 4_097  # the paper's genome-wide deletion screen: 122,910,000
+SPECIALS = {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3}
+HEAVY_MODULES = ("ray", "deepspeed", "polars")
+DRY = {"preset": "tiny", "length": 256, "cells": 2, "perturbations": 24, "batch_size": 8,
+       "baseline_batch": 4, "baseline_perturbations": 8, "warmup": 4}  # fmt: skip
+
+
+def make_cells(n: int, length: int, vocab: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """``<cls>`` + ``length - 2`` distinct random genes + ``<eos>``."""
+    return [
+        np.concatenate([[2], rng.choice(np.arange(4, vocab), length - 2, replace=False), [3]])
+        for _ in range(n)
+    ]
+
+
+def deletions(cell: np.ndarray, k: int) -> list[int]:
+    """``k`` genes of the cell, evenly spaced over its ranks."""
+    genes = cell[1:-1]
+    return [int(g) for g in genes[np.linspace(0, len(genes) - 1, min(k, len(genes))).astype(int)]]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else None
+
+
+def build(plat: Any, args: argparse.Namespace, attn: str) -> torch.nn.Module:
+    """The preset's BertForMaskedLM with seed ``args.seed`` and attention ``attn``."""
+    cfg = plat.bert_config(args.preset, max_position_embeddings=max(4096, args.length))
+    model = plat.build_model(cfg, seed=args.seed)
+    if attn != "sdpa":
+        model.set_attn_implementation(attn)
+    return model.eval()
+
+
+def run_optimized(
+    plat: Any, cells: list[np.ndarray], args: argparse.Namespace, device: torch.device
+) -> dict[str, Any]:
+    """perturb_cells over every cell's deletions; halves the batch on out-of-memory."""
+    from cellfoundry.infer import Embedder, Perturbation, perturb_cells
+
+    dtype = "bf16" if device.type == "cuda" else "fp32"
+    model = build(plat, args, "sdpa").to(
+        device, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32
+    )
+    batch = args.batch_size
+    while True:
+        try:
+            e = Embedder(
+                model, token_dictionary=SPECIALS, layer=-2, batch_size=batch, compile=args.compile
+            )
+            warm = [Perturbation("delete", (g,)) for g in deletions(cells[0], args.warmup)]
+            for _ in range(2 if args.compile else 1):  # compile: shapes of full and last batches
+                perturb_cells(e, cells[:1], warm, gene_shifts=False)
+            _sync(device)
+            _release(device)
+            n, start, tables = 0, time.perf_counter(), []
+            for cell in cells:
+                perts = [Perturbation("delete", (g,)) for g in deletions(cell, args.perturbations)]
+                tables.append(perturb_cells(e, [cell], perts, gene_shifts=False))
+                n += len(perts)
+            _sync(device)
+            seconds = time.perf_counter() - start
+            break
+        except torch.cuda.OutOfMemoryError:
+            if batch == 1:
+                raise
+            batch //= 2
+            _release(device)
+            print(f"  out of memory: batch size {batch}", flush=True)
+    cos = np.concatenate([t["cell_cos"].to_numpy() for t in tables])
+    out = {"sequences": n, "seconds": seconds, "batch_size": batch, "dtype": dtype,
+           "peak_mem_gb": _peak_gb(device), "cell_cos": cos, "layers_run": e.n_layers,
+           "layers": model.config.num_hidden_layers}  # fmt: skip
+    del e, model
+    _release(device)
+    return out
+
+
+def run_baseline(
+    plat: Any, cells: list[np.ndarray], args: argparse.Namespace, device: torch.device
+) -> dict[str, Any]:
+    """The reference's way: fp32, eager, full model with every hidden state, list-built copies."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    model = build(plat, args, "eager").to(device, dtype=torch.float32)
+
+    def embed(seqs: list[list[int]]) -> torch.Tensor:
+        width = max(len(s) for s in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        for r, s in enumerate(seqs):
+            ids[r, : len(s)] = torch.tensor(s)
+        ids = ids.to(device)
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=(ids != 0).long(), output_hidden_states=True)
+        h = out.hidden_states[-2].float()
+        genes = (ids > 3).unsqueeze(-1).float()
+        return (h * genes).sum(1) / genes.sum(1)
+
+    def screen(cell: np.ndarray, genes: list[int]) -> list[float]:
+        base = embed([cell.tolist()])
+        cos = []
+        for i in range(0, len(genes), args.baseline_batch):
+            seqs = []
+            for g in genes[i : i + args.baseline_batch]:
+                s = cell.tolist()
+                s.remove(g)
+                seqs.append(s)
+            cos += torch.nn.functional.cosine_similarity(embed(seqs), base).tolist()
+        return cos
+
+    screen(cells[0], deletions(cells[0], min(args.warmup, args.baseline_batch)))
+    _sync(device)
+    _release(device)
+    n, cos, start = 0, [], time.perf_counter()
+    for cell in cells:
+        genes = deletions(cell, args.perturbations)[: args.baseline_perturbations]
+        cos += screen(cell, genes)
+        n += len(genes)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    out = {"sequences": n, "seconds": seconds, "batch_size": args.baseline_batch, "dtype": "fp32",
+           "peak_mem_gb": _peak_gb(device), "cell_cos": np.asarray(cos)}  # fmt: skip
+    model = None  # free the weights before the optimized run (embed() is not called again)
+    _release(device)
+    return out
+
+
+def metrics_of(
+    opt: dict[str, Any], base: dict[str, Any], args: argparse.Namespace, gpu: str
+) -> dict[str, Any]:
+    p = args.preset
+    rate, base_rate = opt["sequences"] / opt["seconds"], base["sequences"] / base["seconds"]
+    days_key = (
+        "screen_h100_days"
+        if "H100" in gpu
+        else "screen_gpu_days"
+        if gpu.startswith("gpu")
+        else "screen_days_this_device"
+    )
+    per_cell = args.perturbations
+    idx = [
+        c * per_cell + j
+        for c in range(args.cells)
+        for j in range(min(per_cell, args.baseline_perturbations))
+    ]
+    m: dict[str, Any] = {
+        f"{p}.cells_per_s": round(rate, 2),
+        "baseline.cells_per_s": round(base_rate, 2),
+        f"{p}.speedup_vs_baseline": round(rate / base_rate, 2),
+        days_key: round(SCREEN_PASSES / rate / 86_400, 2),
+        f"baseline.{days_key}": round(SCREEN_PASSES / base_rate / 86_400, 2),
+        f"{p}.sequences_timed": opt["sequences"],
+        f"{p}.seconds": round(opt["seconds"], 3),
+        f"{p}.batch_size": opt["batch_size"],
+        f"{p}.dtype": opt["dtype"],
+        f"{p}.layers_run": f"{opt['layers_run']} of {opt['layers']}",
+        f"{p}.compiled": int(args.compile),
+        "baseline.sequences_timed": base["sequences"],
+        "baseline.seconds": round(base["seconds"], 3),
+        "baseline.batch_size": base["batch_size"],
+        "baseline.precision": "fp32 (TF32 off), eager attention, full BertForMaskedLM with hidden states",
+        "max_abs_cell_cos_diff": float(np.abs(opt["cell_cos"][idx] - base["cell_cos"]).max()),
+        "tokens_per_cell": args.length,
+        "cells": args.cells,
+        "perturbations_per_cell": args.perturbations,
+        "torch": torch.__version__,
+    }
+    for key, r in ((p, opt), ("baseline", base)):
+        if r["peak_mem_gb"] is not None:
+            m[f"{key}.peak_mem_gb"] = round(r["peak_mem_gb"], 2)
+    return m
+
+
+def update_results_md(doc: dict[str, Any], preset: str) -> None:
+    """Replace this GPU's row (or add one) in the perturbation section of RESULTS.md."""
+    m = doc["metrics"]
+    gpu = doc["device"].split(";")[0].removeprefix("gpu: ")
+    days = m.get("screen_h100_days", m.get("screen_gpu_days", "-"))
+    row = (f"| {doc['date']} | {gpu} | {m[f'{preset}.cells_per_s']:,.1f} | {m['baseline.cells_per_s']:,.1f} | "
+           f"{m[f'{preset}.speedup_vs_baseline']}x | {days} | {m['max_abs_cell_cos_diff']:.2e} | "
+           f"{'yes' if m[f'{preset}.compiled'] else 'no'} | `{doc['command']}` |")  # fmt: skip
+    header = [
+        "## In-silico perturbation throughput, one GPU (`bench/perturb.py`)", "",
+        f"{preset}, random weights, cells of 4,096 tokens, single-gene deletions: `perturb_cells` "
+        "(bf16, SDPA, encoder stopped at the second-to-last layer, original cell run once) vs "
+        "the reference-style baseline (fp32, eager attention, full model), in the same run. "
+        "Screen = 122,910,000 forward passes (30,000 cells x 4,097) at the measured rate; the "
+        "paper's estimate: 32.8 days on 12 A100s (fp32), 5.9 days 8-bit. Target: 200 cells/s "
+        "on one H100. All figures: `results/perturb.json`.", "",
+        "| date | GPU | cells/s | baseline cells/s | speedup | screen GPU-days | max cos diff | compiled | command |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    text = RESULTS_MD.read_text() if RESULTS_MD.is_file() else "# Benchmark results\n"
+    rows: list[str] = []
+    if MD_BEGIN in text and MD_END in text:
+        before, rest = text.split(MD_BEGIN, 1)
+        section, after = rest.split(MD_END, 1)
+        rows = [
+            ln
+            for ln in section.splitlines()
+            if ln.startswith("| 2") and ln.split("|")[2].strip() != gpu
+        ]
+    else:
+        before, after = text.rstrip("\n") + "\n\n", "\n"
+    RESULTS_MD.write_text(before + "\n".join([MD_BEGIN, *header, *rows, row, MD_END]) + after)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="gf-316m")
+    p.add_argument("--length", type=int, default=4096, help="tokens per cell (with <cls>/<eos>)")
+    p.add_argument("--cells", type=int, default=2)
+    p.add_argument("--perturbations", type=int, default=512, help="deletions timed per cell")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    p.add_argument("--warmup", type=int, default=32, help="warm-up deletions")
+    p.add_argument("--baseline-batch", type=int, default=4)
+    p.add_argument(
+        "--baseline-perturbations", type=int, default=32, help="baseline deletions per cell"
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder layers")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-record", action="store_true", help="write bench/out/perturb.json only")
+    p.add_argument("--cpu-dry-run", action="store_true", help="no GPU: tiny sizes -> bench/out")
+    args = p.parse_args(argv)
+    if args.cpu_dry_run:
+        for k, v in DRY.items():
+            setattr(args, k, v)
+    args.baseline_perturbations = min(args.baseline_perturbations, args.perturbations)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.cpu_dry_run:
+        print("bench/perturb.py measures one GPU and no CUDA device is visible. Run it on a GPU "
+              "(PYTHONPATH=platform python bench/perturb.py), or check the code path on CPU "
+              "with --cpu-dry-run (writes bench/out/perturb_dry.json only).", file=sys.stderr)  # fmt: skip
+        return 2
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    dev = gpu_device_string(device) if cuda else device_string()
+    plat = load_platform()
+    vocab = plat.bert_config(args.preset).vocab_size
+    cells = make_cells(args.cells, args.length, vocab, np.random.default_rng(args.seed))
+    print(f"device: {dev}\n{args.preset}: {args.cells} cells x {args.length} tokens, "
+          f"{args.perturbations} deletions each", flush=True)  # fmt: skip
+    base = run_baseline(plat, cells, args, device)
+    print(f"  baseline: {base['sequences']} sequences in {base['seconds']:.2f} s", flush=True)
+    opt = run_optimized(plat, cells, args, device)
+    print(f"  optimized: {opt['sequences']} sequences in {opt['seconds']:.2f} s", flush=True)
+    metrics = metrics_of(opt, base, args, dev)
+    rows = [[k, v] for k, v in metrics.items() if not isinstance(v, str)]
+    print(format_table(rows, ["metric", "value"]))
+    if not cuda:
+        leaked = [mod for mod in HEAVY_MODULES if sys.modules.get(mod) is not None]
+        if leaked:
+            raise RuntimeError(f"the benchmark imported {leaked}: the GPU image lacks them")
+        path = write_results("perturb_dry", metrics, device=dev, results_dir=OUT_DIR)
+        print(
+            f"\ndry run (CPU, preset {args.preset}, not a result): {path.relative_to(BENCH_DIR.parent)}"
+        )
+        return 0
+    spec_run = args.preset == "gf-316m" and args.length == 4096 and not args.cpu_dry_run
+    if args.no_record or not spec_run:
+        path = write_results("perturb", metrics, device=dev, results_dir=OUT_DIR)
+        print(f"\nnot recorded in bench/results (--no-record or not gf-316m at 4,096): {path}")
+        return 0
+    path = write_results("perturb", metrics, device=dev, command=command_line())
+    update_results_md(json.loads(path.read_text()), args.preset)
+    print(f"\nwrote {path.relative_to(BENCH_DIR.parent)} and bench/RESULTS.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
