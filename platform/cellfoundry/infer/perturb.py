@@ -137,9 +137,13 @@ def iter_perturb_cells(
     gene_shifts: bool = True,
     cell_ids: Sequence[str] | None = None,
     max_sequences: int = 2048,
+    progress: bool = False,
 ) -> Iterator[pa.Table]:
     """:func:`perturb_cells` as a stream of tables (:data:`RESULT_SCHEMA`), one per chunk of
-    cells whose perturbed sequences number about ``max_sequences`` (bounded memory)."""
+    cells whose perturbed sequences number about ``max_sequences`` (bounded memory);
+    ``progress``: a tqdm bar over cells."""
+    from tqdm.auto import tqdm
+
     if not perturbations and genome_wide is None:
         raise ValueError("nothing to do: give perturbations, or genome_wide (a kind) for a screen")
     if not 0.0 < fraction <= 1.0:
@@ -154,6 +158,7 @@ def iter_perturb_cells(
                 f"goal has shape {tuple(goal_t.shape)}, expected ({embedder.hidden_size},)"
             )
     names = {v: k for k, v in embedder.token_dictionary.items()}
+    bar = tqdm(total=len(cells), unit="cell", desc="perturb", disable=not progress)
     start = 0
     while start < len(cells):
         seqs: list[np.ndarray] = []
@@ -164,6 +169,8 @@ def iter_perturb_cells(
             jobs += _jobs(embedder, c, seqs[-1], perturbations, genome_wide, fraction)
         yield _table(embedder, seqs, jobs, start, goal_t, gene_shifts, cell_ids, names)
         start += len(seqs)
+        bar.update(len(seqs))
+    bar.close()
 
 
 def _table(e, seqs, jobs, start, goal, gene_shifts, cell_ids, names) -> pa.Table:  # type: ignore[no-untyped-def]
@@ -201,6 +208,7 @@ def perturb_cells(
     singly) to each cell; one :data:`RESULT_SCHEMA` row per (cell, perturbation) that
     applied, in input order. ``fraction``: ranks moved by inhibit/activate (share of the
     cell's genes); ``goal``: (hidden,) goal-state embedding; ``gene_shifts``: also the
-    per-gene cosines; ``cell_ids``: IDs to carry. See :func:`iter_perturb_cells`."""
+    per-gene cosines; ``cell_ids``: IDs to carry; ``max_sequences``: perturbed sequences
+    held at once; ``progress``: a tqdm bar. See :func:`iter_perturb_cells`."""
     tables = list(iter_perturb_cells(embedder, cells, perturbations, **kwargs))  # type: ignore[arg-type]
     return pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table()
