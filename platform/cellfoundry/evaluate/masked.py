@@ -97,31 +97,12 @@ def _chosen_cells(held_ids: list[str], cfg: MaskedEvalConfig) -> set[str]:
     return {held_ids[i] for i in order[: cfg.holdout.max_cells]}
 
 
-def run_masked(cfg: MaskedEvalConfig) -> MaskedEvalResult:
-    """Evaluate ``cfg.model`` on the held-out cells of ``cfg.tokenized``; write the
-    ``evaluation_masked`` artifact (metrics.json, report.md, per_cell.parquet, accuracy.png)."""
-    inputs, signatures = input_signatures({"model": cfg.model, "tokenized": cfg.tokenized})
-    fp_config = {"config": config_to_dict(cfg), "input_files": signatures}
-    fp = artifacts.fingerprint(KIND, fp_config, inputs)
-    if artifacts.reusable(cfg.output_dir, KIND, fp) is not None:
-        logger.info("reusing the complete evaluation at %s", cfg.output_dir)
-        metrics = masked_report.read_metrics(Path(cfg.output_dir))
-        return MaskedEvalResult(Path(cfg.output_dir), metrics, reused=True)
-
-    vocab = resolve_vocabulary(cfg)
-    model = load_model(cfg.model)
-    vocab_size = model.config.vocab_size
-    if max(vocab.values()) >= vocab_size:
-        raise ValueError(
-            f"{cfg.model}: token ids reach {max(vocab.values())}, vocab_size is {vocab_size}"
-        )
-    special = special_mask(vocab, vocab_size)
-    max_length = cfg.max_length or model.config.max_position_embeddings
-    eos = vocab.get("<eos>")
-    files = shard_files(cfg.tokenized)
-
-    # pass 1: baseline counts over training cells; list the held-out cells
-    baseline, held_ids = RankBaseline(vocab_size, special), []
+def _fit_baseline(
+    cfg: MaskedEvalConfig, files: list[Path], special: np.ndarray, max_length: int, eos: int | None
+) -> tuple[RankBaseline, list[str]]:
+    """Pass 1 over the shards: the rank baseline fit on the training cells, and the ids of
+    the held-out cells."""
+    baseline, held_ids = RankBaseline(len(special), special), []
     for f in tqdm(files, desc="rank baseline", unit="shard"):
         table = pq.read_table(f, columns=_columns(cfg, pq.read_schema(f).names))
         held, train = select_cells(table, cfg.holdout)
@@ -130,29 +111,34 @@ def run_masked(cfg: MaskedEvalConfig) -> MaskedEvalResult:
             truncate(np.asarray(rows[i]), max_length, eos) for i in np.flatnonzero(train)
         )
         held_ids += [table["cell_id"][int(i)].as_py() for i in np.flatnonzero(held)]
-    baseline.fit()
-    chosen = _chosen_cells(held_ids, cfg)
-    logger.info(
-        "rank baseline from %d training cells; evaluating %d of %d held-out cells",
-        baseline.n_cells, len(chosen), len(held_ids),
-    )  # fmt: skip
+    return baseline.fit(), held_ids
 
-    # pass 2: mask, predict in length-sorted batches, score
-    device, autocast = resolve_device(cfg.device, cfg.dtype)
-    predictor = MaskedPredictor(
-        model, special, pad_id=vocab["<pad>"], mask_id=vocab["<mask>"], device=device,
-        autocast_dtype=autocast,
-    )  # fmt: skip
+
+def _score_cells(
+    cfg: MaskedEvalConfig,
+    files: list[Path],
+    chosen: set[str],
+    predictor: MaskedPredictor,
+    baseline: RankBaseline,
+    max_length: int,
+    eos: int | None,
+) -> list[dict[str, Any]]:
+    """Pass 2: mask the chosen cells of each shard, predict in length-sorted batches, and
+    count each cell's correct guesses (model and baseline)."""
+    special = baseline.special
     records: list[dict[str, Any]] = []
     bar = tqdm(total=len(chosen), desc="masked genes", unit="cell")
     for f in files:
         table = pq.read_table(f, columns=_columns(cfg, pq.read_schema(f).names))
         ids = table["cell_id"].to_pylist()
-        take = [i for i, c in enumerate(ids) if c in chosen]
         groups = table[cfg.group_by].to_pylist() if cfg.group_by in table.column_names else None
         rows = table["input_ids"].to_numpy(zero_copy_only=False)
-        cells = [(i, truncate(np.asarray(rows[i]), max_length, eos)) for i in take]
-        cells.sort(key=lambda c: -len(c[1]))  # longest first: equal lengths share a batch
+        cells = [
+            (i, truncate(np.asarray(rows[i]), max_length, eos))
+            for i, c in enumerate(ids)
+            if c in chosen
+        ]
+        cells.sort(key=lambda c: -len(c[1]))  # longest first: similar lengths share a batch
         for start in range(0, len(cells), cfg.batch_size):
             batch = cells[start : start + cfg.batch_size]
             masks = [
@@ -175,6 +161,54 @@ def run_masked(cfg: MaskedEvalConfig) -> MaskedEvalResult:
                 })  # fmt: skip
             bar.update(len(batch))
     bar.close()
+    return records
+
+
+def run_masked(cfg: MaskedEvalConfig) -> MaskedEvalResult:
+    """Evaluate ``cfg.model`` on the held-out cells of ``cfg.tokenized``; write the
+    ``evaluation_masked`` artifact (metrics.json, report.md, per_cell.parquet, accuracy.png)."""
+    if not (Path(cfg.model) / "config.json").is_file():
+        raise ValueError(
+            f"model: {cfg.model} is not a model directory (no config.json); run "
+            "`cellfoundry pretrain` first or pass --model DIR"
+        )
+    if not Path(cfg.tokenized).is_dir():
+        raise ValueError(
+            f"tokenized: {cfg.tokenized} does not exist; run `cellfoundry corpus` or "
+            "`cellfoundry tokenize` first, or pass --tokens DIR"
+        )
+    inputs, signatures = input_signatures({"model": cfg.model, "tokenized": cfg.tokenized})
+    fp_config = {"config": config_to_dict(cfg), "input_files": signatures}
+    fp = artifacts.fingerprint(KIND, fp_config, inputs)
+    if artifacts.reusable(cfg.output_dir, KIND, fp) is not None:
+        logger.info("reusing the complete evaluation at %s", cfg.output_dir)
+        metrics = masked_report.read_metrics(Path(cfg.output_dir))
+        return MaskedEvalResult(Path(cfg.output_dir), metrics, reused=True)
+
+    vocab = resolve_vocabulary(cfg)
+    model = load_model(cfg.model)
+    vocab_size = model.config.vocab_size
+    if max(vocab.values()) >= vocab_size:
+        raise ValueError(
+            f"{cfg.model}: token ids reach {max(vocab.values())}, vocab_size is {vocab_size}"
+        )
+    special = special_mask(vocab, vocab_size)
+    max_length = cfg.max_length or model.config.max_position_embeddings
+    eos = vocab.get("<eos>")
+    files = shard_files(cfg.tokenized)
+
+    baseline, held_ids = _fit_baseline(cfg, files, special, max_length, eos)
+    chosen = _chosen_cells(held_ids, cfg)
+    logger.info(
+        "rank baseline from %d training cells; evaluating %d of %d held-out cells",
+        baseline.n_cells, len(chosen), len(held_ids),
+    )  # fmt: skip
+    device, autocast = resolve_device(cfg.device, cfg.dtype)
+    predictor = MaskedPredictor(
+        model, special, pad_id=vocab["<pad>"], mask_id=vocab["<mask>"], device=device,
+        autocast_dtype=autocast,
+    )  # fmt: skip
+    records = _score_cells(cfg, files, chosen, predictor, baseline, max_length, eos)
     skipped = len(chosen) - len(records)
     if skipped:
         logger.warning("%d held-out cells have no gene token and were left out", skipped)

@@ -196,3 +196,18 @@ def test_resolve_device_downgrades_bf16_on_cpu() -> None:
         assert resolve_device("auto", "auto") == (torch.device("cpu"), None)
         with pytest.raises(ValueError, match="device: auto or cpu"):
             resolve_device("cuda", "auto")
+
+
+def test_run_masked_bad_paths_name_the_fix(tmp_path) -> None:
+    from cellfoundry.evaluate.masked import run_masked
+
+    cfg = parse_config(MaskedEvalConfig, {"model": str(tmp_path / "m"), "tokenized": str(tmp_path)})
+    with pytest.raises(ValueError, match="cellfoundry pretrain"):
+        run_masked(cfg)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    cfg = parse_config(
+        MaskedEvalConfig, {"model": str(tmp_path / "m"), "tokenized": str(tmp_path / "t")}
+    )
+    with pytest.raises(ValueError, match="cellfoundry corpus"):
+        run_masked(cfg)
