@@ -100,3 +100,36 @@ def test_without_shared_data_ids_are_generated(
         generate_synthetic(tmp_path / "out2", n_cells=200, real_genes=True)
     with pytest.raises(ValueError, match="at least 200 cells"):
         generate_synthetic(tmp_path / "out3", n_cells=50)
+
+
+def test_cli_synth(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from cellfoundry.cli import main
+
+    argv = [
+        "synth",
+        "--output",
+        str(tmp_path / "d"),
+        "--cells",
+        "200",
+        "--seed",
+        "2",
+        "--genes",
+        "100",
+    ]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["expected"]["cells_in"] == 200
+    assert Path(out["catalog"]).is_file() and Path(out["gene_table"]).is_file()
+    assert sorted(Path(p).name for p in out["files"].values()) == sorted(
+        f"{ds}.h5ad"
+        for ds in (
+            "synth_facs",
+            "synth_facs_rerelease",
+            "synth_v2_raw",
+            "synth_v2_filt",
+            "synth_v3",
+        )
+    )
+    assert main(["synth", "--output", str(tmp_path / "e"), "--cells", "20"]) == 2  # a clear error
