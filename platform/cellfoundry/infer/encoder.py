@@ -1,8 +1,8 @@
 """The BERT encoder run only up to the layer an embedding needs, on length-sorted batches.
 
 No MLM head and no layer after the chosen one is run. Cells are padded per batch to the
-longest cell of the batch (rounded up to a multiple of 8), after sorting by length, so a
-batch wastes almost no padding. Works with any ``transformers`` BERT (``BertForMaskedLM``,
+longest cell of the batch (rounded up to a multiple of 8 unless all have one length), after
+sorting by length, so a batch wastes almost no padding. Works with any ``transformers`` BERT (``BertForMaskedLM``,
 ``BertModel``, sequence classifiers, 8-bit/4-bit loads): its ``base_model`` is used.
 """
 
@@ -124,9 +124,14 @@ def length_batches(
 
 
 def pad_batch(seqs: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded int64 ids and a 0/1 attention mask, width rounded up to a multiple of 8."""
-    width = max(len(s) for s in seqs)
-    width = -(-width // PAD_MULTIPLE) * PAD_MULTIPLE
+    """Right-padded int64 ids and a 0/1 attention mask. Rows of unequal length are padded to
+    a multiple of 8 (tensor cores); rows of one length are not padded at all, so the mask is
+    all ones and SDPA may use its fastest (mask-free, flash) kernel, as in a deletion screen
+    where every perturbed copy of a cell has the same length."""
+    lengths = {len(s) for s in seqs}
+    width = max(lengths)
+    if len(lengths) > 1:
+        width = -(-width // PAD_MULTIPLE) * PAD_MULTIPLE
     ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(seqs), width), dtype=np.int64)
     for r, s in enumerate(seqs):

@@ -10,7 +10,7 @@ import torch
 from _infer_reference import MAX_POS, direct_cell_embedding, direct_hidden, random_cells
 
 from cellfoundry.infer.embed import Embedder
-from cellfoundry.infer.encoder import length_batches, resolve_layer
+from cellfoundry.infer.encoder import length_batches, pad_batch, resolve_layer
 from cellfoundry.infer.perturb import RESULT_SCHEMA, Perturbation, perturb_cells
 from cellfoundry.model import load_model
 
@@ -29,6 +29,10 @@ def test_layers_and_batches() -> None:
     batches = length_batches([5, 50, 7, 50, 1], batch_size=2)
     assert [b.tolist() for b in batches] == [[1, 3], [2, 0], [4]]
     assert [len(b) for b in length_batches([64] * 10, batch_size=8, max_tokens=128)] == [2] * 5
+    ids, mask = pad_batch([np.arange(5), np.arange(3)], pad_id=0)
+    assert ids.shape == (2, 8) and mask.sum(1).tolist() == [5, 3]
+    ids, mask = pad_batch([np.arange(5), np.arange(5)], pad_id=0)
+    assert ids.shape == (2, 5) and bool(mask.all())  # one length: no padding, no mask needed
 
 
 @pytest.mark.parametrize(("layer", "pooling"), [(-2, "mean"), (-1, "mean"), (0, "cls")])
