@@ -13,7 +13,13 @@ import pytest
 import ray
 import yaml
 
-from cellfoundry.config import CorpusJobConfig, PretrainJobConfig, load_config
+from cellfoundry.config import (
+    CorpusJobConfig,
+    EmbedJobConfig,
+    PerturbJobConfig,
+    PretrainJobConfig,
+    load_config,
+)
 from cellfoundry.paths import REPO_ROOT
 
 CLUSTER = REPO_ROOT / "cluster"
@@ -21,7 +27,12 @@ AUTOSCALER = sorted((CLUSTER / "autoscaler").glob("ray-cluster.*.yaml"))
 KUBERAY = sorted((CLUSTER / "kuberay").glob("*.yaml"))
 RUNTIME_ENVS = sorted((CLUSTER / "runtime_env").glob("*.yaml"))
 IMAGE = re.compile(r"^rayproject/ray:(?P<ray>[\d.]+)-(?P<py>py3\d+)-(?P<kind>cpu|gpu|cu\d+)$")
-JOB_CONFIGS = {"corpus": CorpusJobConfig, "pretrain": PretrainJobConfig}
+JOB_CONFIGS = {
+    "corpus": CorpusJobConfig,
+    "pretrain": PretrainJobConfig,
+    "embed": EmbedJobConfig,
+    "perturb": PerturbJobConfig,
+}
 KUBERAY_NAME = {"RayCluster": "ray-cluster.", "RayJob": "ray-job.", "RayService": "ray-service."}
 
 
@@ -278,14 +289,17 @@ def test_kuberay_manifest(path: Path) -> None:
         stage, cfg = _check_entrypoint(spec["entrypoint"], path.name)
         assert path.name == f"ray-job.{stage}.yaml"
         if stage == "pretrain":  # every Ray Train worker fits in the job's GPU pods
-            s = cfg.scaling
-            per = {
-                "CPU": s.resources_per_worker.get("CPU", 1),
-                "GPU": s.resources_per_worker.get("GPU", int(s.use_gpu)),
-            }
-            assert _capacity(pods, per["CPU"], per["GPU"]) >= s.num_workers, (
-                f"{path.name}: {s.num_workers} workers do not fit"
-            )
+            sc = cfg.scaling
+            cpu = sc.resources_per_worker.get("CPU", 1)
+            gpu = sc.resources_per_worker.get("GPU", int(sc.use_gpu))
+            n = sc.num_workers
+        elif stage in ("embed", "perturb"):  # every GPU actor fits
+            cpu, gpu, n = cfg.compute.num_cpus, cfg.compute.num_gpus, cfg.compute.concurrency
+        else:
+            cpu, gpu, n = 1, 0, 1
+        assert _capacity(pods, cpu, gpu) >= n, (
+            f"{path.name}: {n} x {{CPU: {cpu}, GPU: {gpu}}} do not fit"
+        )
     else:
         _check_ray_service(spec, path.name)
 
