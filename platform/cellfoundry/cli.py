@@ -65,6 +65,17 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from cellfoundry.demo import run_demo
+
+    summary = run_demo(synthetic=True if args.synthetic else None, serve_api=not args.no_serve)
+    print(json.dumps(summary["steps"], indent=2, default=str))
+    print(f"\ndemo over {summary['data']}; seconds per step: {summary['seconds']}")
+    print("\nartifacts:\n  " + "\n  ".join(summary["artifacts"]))
+    print("\npictures:\n  " + "\n  ".join(summary["pictures"]))
+    return 0
+
+
 def _tokenize(args: argparse.Namespace) -> int:
     from cellfoundry.config import RayConfig
     from cellfoundry.corpus.tokenize_files import tokenize_files
@@ -152,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config (see jobs/configs/serve/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. http.port=8001")
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("demo", help="every stage's smoke run in order on one local cluster, then a summary")
+    p.add_argument("--synthetic", action="store_true", help="use generated data even if ../shared/data exists")
+    p.add_argument("--no-serve", action="store_true", help="skip starting and querying the HTTP API")
+    p.set_defaults(func=_demo)
 
     p = sub.add_parser("tokenize", help="tokenize h5ad/loom/10x files with Geneformer dictionaries")
     p.add_argument("inputs", nargs="+", help="input files (h5ad, loom, 10x .h5, 10x mtx folders)")

@@ -1,0 +1,175 @@
+"""The whole mission end to end on one local Ray cluster (what ``make demo`` runs).
+
+corpus -> pretrain (tiny) -> fine-tune + a small HyperOpt search -> embeddings + UMAP ->
+a small perturbation screen with statistics -> evaluation -> Serve, queried over HTTP ->
+a summary of every artifact and picture. Each step is the same library call its job
+entrypoint makes, with the ``smoke`` config of its stage (``jobs/configs/<stage>/smoke.yaml``).
+Over the real data in ../shared/data when present; otherwise over generated data
+(``cellfoundry synth``). Reruns reuse finished artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cellfoundry import runtime
+from cellfoundry.config import RayConfig
+from cellfoundry.paths import REPO_ROOT, shared_path
+
+logger = logging.getLogger(__name__)
+
+CONFIGS = REPO_ROOT / "jobs" / "configs"
+SMOKE = REPO_ROOT / "artifacts" / "smoke"
+
+
+def _config(stage: str, name: str = "smoke") -> str:
+    return str(CONFIGS / stage / f"{name}.yaml")
+
+
+def _step(name: str, fn: Callable[[], Any], timings: dict[str, float]) -> Any:
+    logger.info("demo: %s ...", name)
+    t0 = time.perf_counter()
+    out = fn()
+    timings[name] = round(time.perf_counter() - t0, 1)
+    logger.info("demo: %s done in %.0f s", name, timings[name])
+    return out
+
+
+def _corpus_step(synthetic: bool) -> dict[str, Any]:
+    from cellfoundry.corpus.pipeline import run_corpus_job
+
+    if not synthetic:
+        result = run_corpus_job(_config("corpus"), [])
+        return {"artifacts": result.paths(), "counts": result.counts}
+    from cellfoundry.corpus.synthetic import generate_synthetic
+
+    data = SMOKE.parent / "synthetic" / "data"
+    gen = generate_synthetic(data)
+    result = run_corpus_job(
+        _config("corpus", "synthetic"),
+        [
+            f"corpus.catalog={gen.catalog}",
+            f"corpus.gene_table={gen.gene_table}",
+            f"corpus.output_dir={SMOKE}",
+        ],
+    )
+    return {"artifacts": result.paths(), "counts": result.counts, "synthetic_data": str(data)}
+
+
+def query_serve(url: str, cell: dict[str, int], classifier: str | None) -> dict[str, Any]:
+    """One request per route against a running API; returns a compact view of the answers."""
+    import requests
+
+    out: dict[str, Any] = {"healthz": requests.get(f"{url}/healthz", timeout=30).json()}
+    emb = requests.post(f"{url}/embed", json={"genes": cell}, timeout=120).json()
+    out["embed"] = {
+        "dim": emb["dim"],
+        "n_tokens": emb["n_tokens"],
+        "genes": {k: emb["genes"][k] for k in ("n_genes", "n_used")},
+    }
+    top = sorted(cell, key=cell.get, reverse=True)[:2]  # type: ignore[arg-type]
+    pert = requests.post(
+        f"{url}/perturb",
+        json={
+            "genes": cell,
+            "perturbations": [
+                {"type": "delete", "genes": [top[0]]},
+                {"type": "inhibit", "genes": [top[1]]},
+            ],
+        },
+        timeout=120,
+    ).json()
+    out["perturb"] = pert.get("results", pert)
+    if classifier:
+        cls = requests.post(
+            f"{url}/classify", json={"genes": cell, "classifier": classifier}, timeout=120
+        ).json()
+        out["classify"] = {"label": cls.get("label"), "error": cls.get("error")}
+    bad = requests.post(f"{url}/embed", json={"genes": {"CD3E": -1}}, timeout=30)
+    out["bad_request"] = {"status": bad.status_code, "error": bad.json()["error"]}
+    return out
+
+
+def _serve_step(finetuned: Path | None) -> dict[str, Any]:
+    import glob
+
+    import polars as pl
+    from ray import serve
+
+    from cellfoundry.config import load_config
+    from cellfoundry.config.serve import ServeJobConfig
+    from cellfoundry.serve import run_serve
+
+    overrides = [f"classifiers.cells={finetuned}"] if finetuned else []
+    cfg = load_config(ServeJobConfig, _config("serve"), overrides)
+    handle = run_serve(cfg)
+    try:
+        genes = pl.read_parquet(SMOKE / "cells" / "genes.parquet")["ensembl_id"].to_list()
+        row = pl.read_parquet(
+            sorted(glob.glob(str(SMOKE / "cells" / "data" / "part-*.parquet")))[0]
+        ).row(0, named=True)
+        cell = {genes[g]: int(c) for g, c in zip(row["gene_ids"], row["counts"], strict=True)}
+        return {"url": handle.url, **query_serve(handle.url, cell, "cells" if finetuned else None)}
+    finally:
+        serve.shutdown()
+
+
+def outputs(root: Path = SMOKE) -> dict[str, list[str]]:
+    """Every artifact (a folder with manifest.json) and picture (PNG) under ``root``."""
+    return {
+        "artifacts": sorted(
+            str(p.parent) for p in root.rglob("manifest.json") if "_work" not in p.parts
+        ),
+        "pictures": sorted(str(p) for p in root.rglob("*.png")),
+    }
+
+
+def run_demo(*, synthetic: bool | None = None, serve_api: bool = True) -> dict[str, Any]:
+    """Run every stage's smoke config in order on one local cluster; return the summary
+    (per-step results and seconds, every artifact and picture)."""
+    from cellfoundry.evaluate.batch import run_batch_job
+    from cellfoundry.evaluate.masked import run_masked_job
+    from cellfoundry.infer.embed_job import run_embed_job
+    from cellfoundry.infer.perturb_job import run_perturb_job
+    from cellfoundry.train import run_pretrain_job
+    from cellfoundry.tune import run_tune_job
+    from cellfoundry.tune.finetune import run_finetune_job
+
+    if synthetic is None:
+        synthetic = not shared_path("data", "h5ad").is_dir()
+    runtime.init_ray(RayConfig(num_cpus=2, object_store_memory=300 * 1024**2))
+    runtime.configure_data_context()
+    t: dict[str, float] = {}
+    steps: dict[str, Any] = {}
+    steps["corpus"] = _step("corpus", lambda: _corpus_step(synthetic), t)
+    steps["pretrain"] = _step("pretrain", lambda: run_pretrain_job(_config("pretrain"), []), t)
+    steps["finetune"] = _step("finetune", lambda: run_finetune_job(_config("finetune"), []), t)
+    steps["tune"] = _step("tune", lambda: run_tune_job(_config("tune"), []), t)
+    steps["embed"] = _step("embed", lambda: run_embed_job(_config("embed"), []), t)
+    steps["perturb"] = _step("perturb", lambda: run_perturb_job(_config("perturb"), []), t)
+    steps["evaluate_masked"] = _step(
+        "evaluate masked", lambda: run_masked_job(_config("evaluate", "masked-smoke"), []), t
+    )
+    steps["evaluate_batch"] = _step(
+        "evaluate batch", lambda: run_batch_job(_config("evaluate", "batch-smoke"), []), t
+    )
+    if serve_api:
+        finetuned = SMOKE / "finetuned"
+        steps["serve"] = _step(
+            "serve",
+            lambda: _serve_step(finetuned if (finetuned / "finetune.json").is_file() else None),
+            t,
+        )
+    summary = {
+        "data": "synthetic" if synthetic else "../shared/data",
+        "seconds": t,
+        "steps": steps,
+        **outputs(),
+    }
+    (SMOKE / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
