@@ -18,6 +18,7 @@ from cellfoundry.config import (
     EmbedJobConfig,
     PerturbJobConfig,
     PretrainJobConfig,
+    TuneJobConfig,
     load_config,
 )
 from cellfoundry.paths import REPO_ROOT
@@ -32,6 +33,7 @@ JOB_CONFIGS = {
     "pretrain": PretrainJobConfig,
     "embed": EmbedJobConfig,
     "perturb": PerturbJobConfig,
+    "tune": TuneJobConfig,
 }
 KUBERAY_NAME = {"RayCluster": "ray-cluster.", "RayJob": "ray-job.", "RayService": "ray-service."}
 
@@ -293,6 +295,10 @@ def test_kuberay_manifest(path: Path) -> None:
             cpu = sc.resources_per_worker.get("CPU", 1)
             gpu = sc.resources_per_worker.get("GPU", int(sc.use_gpu))
             n = sc.num_workers
+        elif stage == "tune":  # the concurrent trials fit, one worker's resources each
+            res = cfg.finetune.scaling.resources_per_worker
+            cpu, gpu = res.get("CPU", 1), res.get("GPU", int(cfg.finetune.scaling.use_gpu))
+            n = cfg.tune.max_concurrent_trials or 1
         elif stage in ("embed", "perturb"):  # every GPU actor fits
             cpu, gpu, n = cfg.compute.num_cpus, cfg.compute.num_gpus, cfg.compute.concurrency
         else:
