@@ -336,3 +336,11 @@ def _check_ray_service(spec: dict[str, Any], where: str) -> None:
         )
         if cfg.num_gpus:
             assert cfg.precision in ("bf16", "int8", "auto"), where
+
+
+def test_docs_name_existing_files() -> None:
+    text = (REPO_ROOT / "docs" / "clusters.md").read_text()
+    paths = set(re.findall(r"\b((?:jobs|cluster|docs|tests)/[\w./-]+\.(?:py|yaml|md))\b", text))
+    assert len(paths) > 10
+    missing = sorted(p for p in paths if "<" not in p and not (REPO_ROOT / p).is_file())
+    assert not missing, f"docs/clusters.md names files that do not exist: {missing}"
