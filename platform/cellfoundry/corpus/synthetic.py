@@ -27,13 +27,20 @@ import numpy as np
 import scipy.sparse as sp
 import yaml
 
-from cellfoundry.corpus.synthetic_genes import CELL_TYPES, GenePanel, gene_panel, write_gene_table
+from cellfoundry.corpus.synthetic_files import catalog_row, existing, read_truth, write_h5ad
+from cellfoundry.corpus.synthetic_genes import (
+    CELL_TYPES,
+    GENE_TABLE,
+    GenePanel,
+    gene_panel,
+    write_gene_table,
+)
+from cellfoundry.paths import shared_path
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["SyntheticData", "generate_synthetic", "read_truth"]
 
-DOI = "10.5555/cellfoundry.synthetic.1"
 #: dataset id -> (share of n_cells, chemistry, gene ids in the file, obs cell-type column)
 _DATASETS = {
     "synth_facs": (0.36, "v2", "ensembl", "celltype"),
@@ -144,32 +151,6 @@ def _barcodes(n: int, rng: np.random.Generator) -> np.ndarray:
     return codes
 
 
-def _write_h5ad(
-    path: Path, x: sp.csr_matrix, panel: GenePanel, genes: np.ndarray, obs: dict[str, np.ndarray],
-    gene_ids: str, barcodes: np.ndarray, unmapped: int,
-) -> None:  # fmt: skip
-    import anndata as ad
-    import pandas as pd
-
-    ids, symbols = panel.ensembl_ids[genes], panel.symbols[genes]
-    if gene_ids == "ensembl":
-        var = pd.DataFrame({"ensembl_id": ids, "gene_symbol": symbols}, index=pd.Index(ids))
-    else:  # symbols, plus a few lncRNA clone names no gene table knows (like real 10x files)
-        names = np.concatenate([symbols, [f"AC{900000 + i}.1" for i in range(unmapped)]])
-        var = pd.DataFrame({"gene_symbol": names}, index=pd.Index(names))
-        if unmapped:
-            rng = np.random.default_rng(len(names))
-            extra = sp.csr_matrix(rng.poisson(0.05, size=(x.shape[0], unmapped)).astype(np.int32))
-            x = sp.hstack([x, extra], format="csr")
-    frame = pd.DataFrame(
-        {k: pd.Categorical(v.astype(str)) for k, v in obs.items()},
-        index=pd.Index(barcodes.astype(str)),
-    )
-    adata = ad.AnnData(X=x.astype(np.int32), obs=frame, var=var)
-    adata.uns["source"] = "cellfoundry.corpus.synthetic"
-    adata.write_h5ad(path)
-
-
 @dataclass
 class _Dataset:
     x: sp.csr_matrix  # raw counts, cells x panel genes
@@ -215,7 +196,16 @@ def generate_synthetic(
     if n_cells < 200:
         raise ValueError(f"n_cells={n_cells}: use at least 200 cells (5 datasets with outliers)")
     out = Path(output)
+    if real_genes is None:
+        real_genes = shared_path(*GENE_TABLE).is_file()
+    params = {"n_cells": n_cells, "seed": seed, "n_genes": n_genes, "real_genes": real_genes}
+    previous = existing(out, params, list(_DATASETS))
+    if previous is not None:
+        logger.info("synthetic data in %s already made with %s: reusing it", out, params)
+        files = {ds: out / f"{ds}.h5ad" for ds in _DATASETS}
+        return SyntheticData(out / "catalog.yaml", out / "genes.tsv", files, previous)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "truth.json").unlink(missing_ok=True)  # written last: marks a complete set
     rng = np.random.default_rng(seed)
     panel = gene_panel(n_genes, rng, real=real_genes)
     programmes = _gene_programmes(panel, rng)
@@ -238,14 +228,14 @@ def generate_synthetic(
     data["synth_v2_filt"] = raw.rows(copy)
     # Its genes: every gene among any cell's top 32 (so duplicates stay findable), 60% of the rest.
     filt_genes = np.union1d(_top_genes(raw.x[copy], 32), np.flatnonzero(rng.random(n_all) < 0.6))
-    truth: dict[str, Any] = {"seed": seed, "genes": panel.source, "datasets": {}}
+    truth: dict[str, Any] = {"params": params, "seed": seed, "genes": panel.source, "datasets": {}}
     files = {}
     for ds, (_, chem, gene_ids, _) in _DATASETS.items():
         d = data[ds]
         genes = filt_genes if ds == "synth_v2_filt" else np.arange(n_all)
         files[ds] = out / f"{ds}.h5ad"
         unmapped = 0 if gene_ids == "ensembl" else 20
-        _write_h5ad(files[ds], d.x[:, genes], panel, genes, d.obs, gene_ids, d.barcodes, unmapped)
+        write_h5ad(files[ds], d.x[:, genes], panel, genes, d.obs, gene_ids, d.barcodes, unmapped)
         truth["datasets"][ds] = {
             "n_cells": int(d.x.shape[0]), "chemistry": chem, "gene_ids": gene_ids,
             "planted": {r: [str(d.barcodes[i]) for i in rows] for r, rows in d.planted.items()},
@@ -260,30 +250,8 @@ def generate_synthetic(
     }
     gene_table = write_gene_table(panel, out / "genes.tsv")
     catalog = out / "catalog.yaml"
-    rows = [_catalog_row(ds) for ds in _DATASETS]
+    rows = [catalog_row(ds, _DATASETS[ds][3]) for ds in _DATASETS]
     catalog.write_text(yaml.safe_dump({"datasets": rows}, sort_keys=False))
     (out / "truth.json").write_text(json.dumps(truth, indent=2))
     logger.info("wrote %d synthetic cells in %d files to %s", n_cells, len(files), out)
     return SyntheticData(catalog, gene_table, files, truth)
-
-
-def _catalog_row(ds: str) -> dict[str, Any]:
-    _, _, _, type_col = _DATASETS[ds]
-    row: dict[str, Any] = {"id": ds, "uri": f"{ds}.h5ad", "organ": "blood", "platform": "droplet"}
-    if ds.startswith("synth_facs"):
-        row["doi"] = DOI
-    metadata = {"cell_type": type_col}
-    if ds != "synth_facs_rerelease":
-        metadata["batch"] = "batch"
-    if ds == "synth_facs":
-        metadata["split"] = "split"
-    row["metadata"] = metadata
-    return row
-
-
-def read_truth(output: str | Path) -> dict[str, Any]:
-    """The ``truth.json`` that :func:`generate_synthetic` wrote to ``output``."""
-    path = Path(output) / "truth.json"
-    if not path.is_file():
-        raise ValueError(f"{path} does not exist; run `cellfoundry synth --output {output}` first")
-    return json.loads(path.read_text())

@@ -38,7 +38,8 @@ MITO_SYMBOLS = (
     "MT-ND1", "MT-ND2", "MT-CO1", "MT-CO2", "MT-ATP8", "MT-ATP6", "MT-CO3", "MT-ND3",
     "MT-ND4L", "MT-ND4", "MT-ND5", "MT-ND6", "MT-CYB",
 )  # fmt: skip
-_TABLE = ("data", "genes", "human_genes_ensembl_hgnc.tsv.gz")
+#: The shared gene table (under ``$CELLFOUNDRY_SHARED``) the real panel is drawn from.
+GENE_TABLE = ("data", "genes", "human_genes_ensembl_hgnc.tsv.gz")
 _V2_TOKENS = ("geneformer", "v2", "token_dictionary_gc104M.json")
 _COLUMNS = (
     "ensembl_gene_id", "gene_name", "chromosome", "biotype", "primary_assembly",
@@ -128,7 +129,7 @@ def _generated_panel(n_genes: int, rng: np.random.Generator) -> GenePanel:
 def gene_panel(n_genes: int, rng: np.random.Generator, *, real: bool | None = None) -> GenePanel:
     """``n_genes`` genes (at least the markers and MT genes); ``real=None`` uses the shared
     gene table when it exists, True requires it, False always generates IDs."""
-    path = shared_path(*_TABLE)
+    path = shared_path(*GENE_TABLE)
     if real is None:
         real = path.is_file()
     if real and not path.is_file():

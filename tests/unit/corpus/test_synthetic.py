@@ -133,3 +133,14 @@ def test_cli_synth(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         )
     )
     assert main(["synth", "--output", str(tmp_path / "e"), "--cells", "20"]) == 2  # a clear error
+
+
+def test_rerun_with_the_same_parameters_keeps_the_files(tmp_path: Path) -> None:
+    kw = {"n_cells": 200, "seed": 4, "n_genes": 100, "real_genes": False}
+    first = generate_synthetic(tmp_path, **kw)
+    stamps = {p: p.stat().st_mtime_ns for p in first.files.values()}
+    again = generate_synthetic(tmp_path, **kw)
+    assert again.truth == first.truth
+    assert {p: p.stat().st_mtime_ns for p in again.files.values()} == stamps  # not rewritten
+    other = generate_synthetic(tmp_path, **{**kw, "seed": 5})
+    assert other.truth["params"]["seed"] == 5 and other.truth != first.truth
