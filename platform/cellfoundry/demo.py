@@ -72,7 +72,8 @@ def query_serve(url: str, cell: dict[str, int], classifier: str | None) -> dict[
         "n_tokens": emb["n_tokens"],
         "genes": {k: emb["genes"][k] for k in ("n_genes", "n_used")},
     }
-    top = sorted(cell, key=cell.get, reverse=True)[:2]  # type: ignore[arg-type]
+    vocab = json.loads((SMOKE / "model" / "token_dictionary.json").read_text())
+    top = sorted((g for g in cell if g in vocab), key=cell.__getitem__, reverse=True)[:2]
     pert = requests.post(
         f"{url}/perturb",
         json={

@@ -253,6 +253,11 @@ def build_app(
         cfg = load_config(ServeJobConfig, cfg["config"], cfg.get("set", []))
     elif isinstance(cfg, dict):
         cfg = parse_config(ServeJobConfig, cfg)
+    if token_sha256 is None and cfg.auth_token_env is not None:
+        # Built from an import_path (RayService): the token comes from this process's env.
+        from cellfoundry.serve.runner import token_sha256 as _sha
+
+        token_sha256 = _sha(cfg)
     data = config_to_dict(cfg)
     # Replicas may start in another directory: pin the driver's relative paths.
     for key in ("model", "gene_medians", "gene_table"):

@@ -73,6 +73,8 @@ def load_classifier(
     from the config's ``id2label`` (ordered by class index)."""
     directory = Path(directory)
     precision = resolve_precision(precision, device)
+    if (directory / "finetune.json").is_file():  # a `cellfoundry finetune` artifact
+        return _load_finetuned(directory, precision, device)
     adapter = directory / "adapter_config.json"
     if adapter.is_file():
         import peft
@@ -114,3 +116,21 @@ def _load_seq_classifier(
     return transformers.BertForSequenceClassification.from_pretrained(
         directory, dtype=dtype, **kwargs
     ).to(device)
+
+
+def _load_finetuned(
+    directory: Path, precision: str, device: torch.device
+) -> tuple[torch.nn.Module, list[str]]:
+    from cellfoundry.tune.models import load_finetuned
+
+    info = json.loads((directory / "finetune.json").read_text())
+    if info.get("task") != "cell":
+        raise ValueError(
+            f"{directory} is a {info.get('task')!r} classifier; /classify serves cell classifiers"
+        )
+    model = load_finetuned(
+        directory, load_in_8bit=precision == "int8", on_gpu=device.type == "cuda"
+    )
+    if precision != "int8" and info.get("mode") != "qlora":
+        model = model.to(device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+    return model.eval(), list(info["label_names"])

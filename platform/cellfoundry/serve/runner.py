@@ -30,7 +30,8 @@ class ServeHandle:
         serve.delete(self.app_name)
 
 
-def _token_sha256(cfg: ServeJobConfig) -> str | None:
+def token_sha256(cfg: ServeJobConfig) -> str | None:
+    """SHA-256 of the bearer token in ``$<cfg.auth_token_env>`` (None without auth)."""
     if cfg.auth_token_env is None:
         return None
     token = os.environ.get(cfg.auth_token_env)
@@ -56,7 +57,7 @@ def run_serve(
             "serving on %s without auth_token_env: anyone who reaches it can call the API",
             cfg.http.host,
         )
-    token = _token_sha256(cfg)
+    token = token_sha256(cfg)
     runtime.init_ray(cfg.ray)
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
     serve.run(
