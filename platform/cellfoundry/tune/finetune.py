@@ -30,7 +30,8 @@ def _fingerprint_config(cfg: FinetuneJobConfig) -> dict[str, Any]:
     return data
 
 
-def _inputs(cfg: FinetuneJobConfig) -> dict[str, str]:
+def artifact_inputs(cfg: FinetuneJobConfig) -> dict[str, str]:
+    """Input artifacts (those with a manifest) of a fine-tuning run: tokens, model, cells."""
     candidates = {"tokenized": cfg.data.tokenized, "model": cfg.model.model_dir}
     if cfg.data.cells:
         candidates["cells"] = cfg.data.cells
@@ -45,7 +46,7 @@ def write_finetuned_artifact(
     ``method`` is the probe, ``finetune.json``, ``label_mapping.json``, ``metrics.json``,
     ``report.md``, ``confusion_matrix.png``, ``roc.png``, ``splits.json``."""
     fp_config = fp_config if fp_config is not None else _fingerprint_config(cfg)
-    with artifacts.write_artifact(output_dir, KIND, fp_config, _inputs(cfg)) as w:
+    with artifacts.write_artifact(output_dir, KIND, fp_config, artifact_inputs(cfg)) as w:
         model = comparison.models.get(method)
         if model is not None:
             save_finetuned(
@@ -110,7 +111,7 @@ def run_finetune(cfg: FinetuneJobConfig) -> dict[str, Any]:
     shared storage). Returns a JSON-able summary."""
     if cfg.output_dir is None:
         raise ValueError("output_dir is not set: give the folder of the fine-tuned model artifact")
-    fingerprint = artifacts.fingerprint(KIND, _fingerprint_config(cfg), _inputs(cfg))
+    fingerprint = artifacts.fingerprint(KIND, _fingerprint_config(cfg), artifact_inputs(cfg))
     manifest = artifacts.reusable(cfg.output_dir, KIND, fingerprint)
     if manifest is not None:
         logger.info("finetune: reusing %s", cfg.output_dir)

@@ -20,7 +20,7 @@ import torch
 from cellfoundry import artifacts, runtime
 from cellfoundry.config.loader import config_to_dict, load_config, parse_config
 from cellfoundry.config.tune import FinetuneJobConfig, TuneJobConfig
-from cellfoundry.tune.finetune import KIND, write_finetuned_artifact
+from cellfoundry.tune.finetune import KIND, artifact_inputs, write_finetuned_artifact
 from cellfoundry.tune.loop import TrainState, train_classifier
 from cellfoundry.tune.models import build_classifier
 from cellfoundry.tune.prepare import device_for, prepare, set_threads, task_data
@@ -172,7 +172,7 @@ def run_tune(cfg: TuneJobConfig) -> dict[str, Any]:
     """Search per ``cfg`` (restoring an interrupted search of the same name and storage) and
     export the best trial; returns a JSON-able summary with ``completed`` false when the
     search was interrupted (rerun to finish it)."""
-    fp = artifacts.fingerprint(KIND, _fingerprint_config(cfg), {})
+    fp = artifacts.fingerprint(KIND, _fingerprint_config(cfg), artifact_inputs(cfg.finetune))
     manifest = artifacts.reusable(cfg.output_dir, KIND, fp)
     if manifest is not None:
         logger.info("tune: reusing %s", cfg.output_dir)
