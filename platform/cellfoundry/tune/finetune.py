@@ -61,8 +61,11 @@ def write_finetuned_artifact(
                   for s in prep.splits} if cfg.task.kind == "cell" else {}  # fmt: skip
         (w.dir / "splits.json").write_text(json.dumps(splits) + "\n")
         notes = [f"model: `{cfg.model.model_dir}` ({METHOD_TITLES[method]})"]
+        if cfg.data.max_train_cells:
+            notes.append(f"trained on at most {cfg.data.max_train_cells} of the training cells "
+                         "(stratified draw); the baselines train on the same cells")  # fmt: skip
         if cfg.data.few_shot:
-            notes.append(f"few-shot: {cfg.data.few_shot} training cells per class")
+            notes.append(f"few-shot: {cfg.data.few_shot} training cells per class (baselines too)")
         metrics = write_report(comparison, w.dir, title=f"Fine-tuning: {cfg.data.label_column}",
                                main_method=method, notes=notes, extra=extra)  # fmt: skip
         summary = metrics["summary"]
