@@ -59,7 +59,9 @@ def collate(data: TaskData, rows: np.ndarray, side: str) -> dict[str, torch.Tens
         batch["labels"] = torch.from_numpy(data.cells.labels[rows])
     else:
         lookup = data.gene_classes[side]
-        labels = np.vectorize(lambda t: lookup.get(int(t), IGNORE_INDEX), otypes=[np.int64])(ids)
+        table = np.full(max([int(ids.max()), *lookup]) + 1, IGNORE_INDEX, dtype=np.int64)
+        table[list(lookup)] = list(lookup.values())  # token id -> class of this side's genes
+        labels = table[ids]
         batch["labels"] = torch.from_numpy(labels)
     return batch
 
