@@ -14,7 +14,7 @@ import torch
 
 from cellfoundry.config.tune import BASELINES, FinetuneJobConfig
 from cellfoundry.tune.baselines import load_counts, resolve_cells_dir, run_baselines
-from cellfoundry.tune.loop import EpochCallback, evaluate, train_classifier
+from cellfoundry.tune.loop import EpochCallback, evaluate, to_device, train_classifier
 from cellfoundry.tune.metrics import classification_metrics, majority_rate
 from cellfoundry.tune.models import build_classifier
 from cellfoundry.tune.prepare import (
@@ -107,7 +107,7 @@ def _fit_model(
         return MethodResult(classification_metrics(y, s, prep.label_names), y, s,
                             {"seconds": time.perf_counter() - start}), None  # fmt: skip
     if trained is not None:
-        model, last = trained.to(device), {}
+        model, last = to_device(trained, device), {}
     else:
         model = build_classifier(
             run_cfg.model, task=cfg.task.kind, label_names=prep.label_names, seed=cfg.seed,

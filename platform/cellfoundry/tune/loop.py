@@ -4,6 +4,7 @@ trial, a log line in ``cellfoundry finetune``). No Ray here."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -78,7 +79,8 @@ def predict(
     for start in range(0, len(rows), batch_size):
         batch = collate(data, rows[start : start + batch_size], side)
         labels = batch.pop("labels")
-        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
+        with autocast(device):
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
         if data.task == "gene":
             keep = labels != IGNORE_INDEX
             logits, labels = logits[keep], labels[keep]
@@ -93,6 +95,21 @@ def evaluate(
     """:func:`classification_metrics` of ``side``, with ``y_true`` and ``scores`` arrays."""
     y, s = predict(model, data, side, batch_size, device)
     return {**classification_metrics(y, s, data.label_names), "y_true": y, "scores": s}
+
+
+def autocast(device: torch.device) -> Any:
+    """bf16 autocast on a GPU that supports it (fp32 master weights), else nothing."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` on ``device``; a k-bit (bitsandbytes) model stays where it was loaded
+    (``device_map``), as transformers refuses ``.to`` on it."""
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        return model
+    return model.to(device)
 
 
 @dataclass
@@ -116,7 +133,7 @@ def train_classifier(
     (from ``state`` when resuming), validating after each; returns the model and the last
     epoch's metrics (``epoch``, ``train_loss``, ``val_macro_f1``, ``val_accuracy``, ...)."""
     opt_cfg, batch_size = cfg.optim, cfg.data.batch_size
-    model.to(device)
+    model = to_device(model, device)
     state = state or TrainState()
     batches_per_epoch = math.ceil(len(data.train_rows) / batch_size)
     if opt_cfg.max_steps_per_epoch is not None:
@@ -143,7 +160,8 @@ def train_classifier(
             range(batches_per_epoch), desc=f"epoch {epoch + 1}", leave=False, mininterval=5
         ):
             batch = collate(data, order[b * batch_size : (b + 1) * batch_size], "train")
-            out = model(**{k: v.to(device) for k, v in batch.items()})
+            with autocast(device):
+                out = model(**{k: v.to(device) for k, v in batch.items()})
             out.loss.backward()
             if opt_cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(trainable, opt_cfg.max_grad_norm)
