@@ -72,8 +72,11 @@ def query_serve(url: str, cell: dict[str, int], classifier: str | None) -> dict[
         "n_tokens": emb["n_tokens"],
         "genes": {k: emb["genes"][k] for k in ("n_genes", "n_used")},
     }
-    vocab = json.loads((SMOKE / "model" / "token_dictionary.json").read_text())
-    top = sorted((g for g in cell if g in vocab), key=cell.__getitem__, reverse=True)[:2]
+    from cellfoundry.serve import CellTokenizer
+
+    tokenizer = CellTokenizer.for_model(SMOKE / "model")  # the server's, in-process
+    names = {v: k for k, v in tokenizer.token_dictionary.items()}
+    top = [names[int(i)] for i in tokenizer.tokenize(cell)[0][1:3]]  # the two top-ranked genes
     pert = requests.post(
         f"{url}/perturb",
         json={
