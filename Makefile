@@ -1,4 +1,4 @@
-# cellfoundry: `make demo` (install, then run the pipeline on the real data) and `make test`.
+# cellfoundry: `make demo` (install, then run the whole pipeline end to end) and `make test`.
 # Each target creates/reuses the virtualenv in .venv and installs torch==2.13.0 first, so
 # nothing that depends on torch can pull another (CUDA) build. On a CPU machine outside
 # this environment, pass TORCH_INDEX=https://download.pytorch.org/whl/cpu.
@@ -27,12 +27,16 @@ install: $(STAMP)
 test: install
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
+# Every stage's smoke config in order on one local Ray cluster (generated data when
+# ../shared/data is missing), Serve queried over HTTP, then a summary of every artifact.
 demo: install
-	$(PY) -m cellfoundry.cli corpus --config jobs/configs/corpus/smoke.yaml
-	$(PY) -m cellfoundry.cli pretrain --config jobs/configs/pretrain/smoke.yaml
+	$(PY) -m cellfoundry.cli demo
 
+# The CPU benchmarks; the GPU ones (bench/pretrain.py, perturb.py, finetune.py and serve.py
+# with gf-104m) run on a GPU machine: see bench/README.md.
 bench: install
 	$(PY) bench/corpus.py
+	$(PY) bench/serve.py
 
 lint: install
 	$(VENV)/bin/ruff check platform tests bench jobs
