@@ -302,3 +302,24 @@ def test_qlora_on_gpu_trains_adapters_and_reloads(
     first = evaluate(model, data, "test", 32, device)["scores"]
     again = evaluate(load_finetuned(out, on_gpu=True), data, "test", 32, device)["scores"]
     np.testing.assert_allclose(again, first, atol=1e-3)
+
+
+def test_linear_probe_saves_and_reloads(pbmc_corpus: Any, tiny_model: Path, tmp_path: Path) -> None:
+    from cellfoundry.tune import compare
+
+    cfg = parse_config(FinetuneJobConfig, _base(pbmc_corpus, tiny_model, model__mode="probe",
+                                                data__max_train_cells=300, baselines={"methods": []}))  # fmt: skip
+    prep = prepare(cfg)
+    comparison = compare(cfg, ["probe"], prep=prep)
+    probe = comparison.models["probe"]
+    assert not any(p.requires_grad for p in probe.parameters())  # frozen encoder, fitted head
+    out = save_finetuned(probe, tmp_path / "p", mode="probe", task="cell", label_names=prep.label_names,
+                         base_model=cfg.model.model_dir)  # fmt: skip
+    assert (out / "probe" / "probe.safetensors").stat().st_size < (
+        tiny_model / "model.safetensors"
+    ).stat().st_size
+    data = task_data(cfg, prep, prep.splits[0])
+    again = evaluate(load_finetuned(out), data, "test", 32, torch.device("cpu"))
+    result = comparison.results["split"]["probe"]
+    np.testing.assert_allclose(again["scores"], result.scores, atol=1e-5)
+    assert again["accuracy"] == pytest.approx(result.metrics["accuracy"])

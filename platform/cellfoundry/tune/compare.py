@@ -102,12 +102,10 @@ def _fit_model(
     run_cfg = replace(cfg, model=replace(cfg.model, mode=mode))
     data = task_data(run_cfg, prep, split)
     start = time.perf_counter()
-    if mode == "probe":
-        y, s = linear_probe(run_cfg, data, device)["test"]
-        return MethodResult(classification_metrics(y, s, prep.label_names), y, s,
-                            {"seconds": time.perf_counter() - start}), None  # fmt: skip
     if trained is not None:
         model, last = to_device(trained, device), {}
+    elif mode == "probe":
+        model, last = linear_probe(run_cfg, data, device), {}
     else:
         model = build_classifier(
             run_cfg.model, task=cfg.task.kind, label_names=prep.label_names, seed=cfg.seed,

@@ -42,9 +42,9 @@ def write_finetuned_artifact(
     cfg: FinetuneJobConfig, output_dir: str | Path, comparison: Comparison, prep: Prepared,
     *, method: str, fp_config: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """The artifact: ``model/`` (HF folder) or ``adapter/`` (PEFT, + base model path) unless
-    ``method`` is the probe, ``finetune.json``, ``label_mapping.json``, ``metrics.json``,
-    ``report.md``, ``confusion_matrix.png``, ``roc.png``, ``splits.json``."""
+    """The artifact: ``model/`` (HF folder), ``adapter/`` (PEFT) or ``probe/`` (linear head;
+    both with the base model's path in ``finetune.json``), ``label_mapping.json``,
+    ``metrics.json``, ``report.md``, ``confusion_matrix.png``, ``roc.png``, ``splits.json``."""
     fp_config = fp_config if fp_config is not None else _fingerprint_config(cfg)
     with artifacts.write_artifact(output_dir, KIND, fp_config, artifact_inputs(cfg)) as w:
         model = comparison.models.get(method)

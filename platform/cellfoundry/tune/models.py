@@ -136,13 +136,18 @@ def save_finetuned(
     model: torch.nn.Module, directory: Path, *, mode: str, task: str, label_names: list[str],
     base_model: str, token_dictionary: dict[str, int] | None = None,
 ) -> Path:  # fmt: skip
-    """Write the model (``model/``: full HF folder; ``adapter/``: PEFT adapter only, the
-    base model stays at ``base_model``) and ``finetune.json`` into ``directory``."""
+    """Write the model (``model/``: full HF folder; ``adapter/``: PEFT adapter only;
+    ``probe/``: the probe's head; the last two point at ``base_model``) and
+    ``finetune.json`` into ``directory``."""
     from cellfoundry.genes.vocab import save_token_dictionary
+    from cellfoundry.tune.probe_model import PROBE_DIR, ProbeClassifier
 
     directory.mkdir(parents=True, exist_ok=True)
-    sub = ADAPTER_DIR if mode == "qlora" else MODEL_DIR
-    model.save_pretrained(directory / sub)
+    sub = {"qlora": ADAPTER_DIR, "probe": PROBE_DIR}.get(mode, MODEL_DIR)
+    if isinstance(model, ProbeClassifier):
+        model.save(directory / sub)
+    else:
+        model.save_pretrained(directory / sub)
     if token_dictionary is not None:
         save_token_dictionary(token_dictionary, directory / sub / "token_dictionary.json")
     info = {
@@ -161,7 +166,7 @@ def load_finetuned(
 ) -> torch.nn.Module:
     """A fine-tuned classifier saved by :func:`save_finetuned`, in eval mode: fp32, or with
     the encoder in 8-bit (``load_in_8bit``; head and pooler stay fp32). An adapter loads onto
-    its base model (4-bit NF4 as trained, or 8-bit)."""
+    its base model (4-bit NF4 as trained, or 8-bit); a linear probe onto its frozen base."""
     directory = Path(directory)
     info_path = directory / FINETUNE_FILE
     if not info_path.is_file():
@@ -169,6 +174,12 @@ def load_finetuned(
     info = json.loads(info_path.read_text())
     q = QuantizationConfig()
     names, task = list(info["label_names"]), info["task"]
+    if info["mode"] == "probe":
+        from cellfoundry.tune.probe_model import PROBE_DIR, ProbeClassifier
+
+        if load_in_8bit:
+            logger.warning("%s: a linear probe loads in fp32 (load_in_8bit ignored)", directory)
+        return ProbeClassifier.load(directory / PROBE_DIR, info["base_model"])
     if info["mode"] != "qlora":
         quant = bnb_config(q, on_gpu=on_gpu, eight_bit=True) if load_in_8bit else None
         model = _head_class(task).from_pretrained(

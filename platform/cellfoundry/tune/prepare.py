@@ -25,7 +25,7 @@ from cellfoundry.tune.data import (
     stratified_subset,
 )
 from cellfoundry.tune.loop import TaskData
-from cellfoundry.tune.metrics import softmax
+from cellfoundry.tune.probe_model import ProbeClassifier
 from cellfoundry.tune.splits import Split, few_shot, make_splits
 
 logger = logging.getLogger(__name__)
@@ -135,49 +135,35 @@ def set_threads(cfg: FinetuneJobConfig) -> None:
 
 @torch.no_grad()
 def cell_embeddings(
-    encoder: torch.nn.Module, data: TaskData, rows: np.ndarray, *, special_ids: list[int],
-    batch_size: int, device: torch.device,
-) -> np.ndarray:  # fmt: skip
-    """float32 [n, hidden]: mean of the last hidden states over each cell's gene tokens
-    (``special_ids``, e.g. ``<cls>``/``<eos>``/``<pad>``, left out), from a frozen ``BertModel``."""
+    probe: ProbeClassifier,
+    data: TaskData,
+    rows: np.ndarray,
+    *,
+    batch_size: int,
+    device: torch.device,
+) -> np.ndarray:
+    """float32 [n, hidden]: the probe's mean-pooled frozen-encoder embeddings of ``rows``."""
     from cellfoundry.tune.loop import collate
 
-    specials = torch.tensor(sorted(set(special_ids) | {data.pad_id}), device=device)
     out = []
     for start in range(0, len(rows), batch_size):
         batch = collate(replace(data, gene_classes={}), rows[start : start + batch_size], "test")
-        ids = batch["input_ids"].to(device)
-        hidden = encoder(
-            input_ids=ids, attention_mask=batch["attention_mask"].to(device)
-        ).last_hidden_state
-        keep = (~torch.isin(ids, specials)).unsqueeze(-1).float()  # [b, L, 1]
-        out.append(((hidden * keep).sum(1) / keep.sum(1).clamp(min=1)).float().cpu().numpy())
+        emb = probe.embed(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        out.append(emb.float().cpu().numpy())
     return np.concatenate(out)
 
 
-def linear_probe(
-    cfg: FinetuneJobConfig, data: TaskData, device: torch.device
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Logistic regression on frozen cell embeddings: side -> (y_true, probabilities)."""
-    encoder = load_model(cfg.model.model_dir).bert.to(device).eval()
+def linear_probe(cfg: FinetuneJobConfig, data: TaskData, device: torch.device) -> ProbeClassifier:
+    """Fit logistic regression on frozen, standardised cell embeddings of the training cells
+    (zero-shot encoder); returns the :class:`ProbeClassifier` (eval mode, on ``device``)."""
     vocab = token_dictionary_of(cfg)
-    kw = {
-        "special_ids": [v for k, v in vocab.items() if k.startswith("<")],
-        "batch_size": cfg.data.batch_size, "device": device,
-    }  # fmt: skip
-    x_train = cell_embeddings(encoder, data, data.train_rows, **kw)
-    scaler = StandardScaler().fit(x_train)
+    specials = [v for k, v in vocab.items() if k.startswith("<")] + [data.pad_id]
+    probe = ProbeClassifier(load_model(cfg.model.model_dir).bert, specials, len(data.label_names))
+    probe = probe.to(device).eval()
+    x = cell_embeddings(probe, data, data.train_rows, batch_size=cfg.data.batch_size, device=device)
+    scaler = StandardScaler().fit(x)
     clf = LogisticRegression(max_iter=cfg.baselines.max_iter).fit(
-        scaler.transform(x_train), data.cells.labels[data.train_rows]
+        scaler.transform(x), data.cells.labels[data.train_rows]
     )
-    out = {}
-    for side, rows in data.eval_rows.items():
-        x = scaler.transform(cell_embeddings(encoder, data, rows, **kw))
-        scores = np.full((len(rows), len(data.label_names)), -1e9)
-        scores[:, clf.classes_] = (
-            clf.decision_function(x)
-            if len(clf.classes_) > 2
-            else np.log(clf.predict_proba(x) + 1e-12)
-        )
-        out[side] = (data.cells.labels[rows], softmax(scores))
-    return out
+    probe.set_head(scaler.mean_, scaler.scale_, clf.classes_, clf.coef_, clf.intercept_)
+    return probe.to(device)
