@@ -218,8 +218,12 @@ def test_gene_classification_scores_held_out_genes(pbmc_corpus: Any, tiny_model:
 def test_tune_interrupted_then_restored(pbmc_corpus: Any, tiny_model: Path, tmp_path: Path) -> None:
     from cellfoundry.tune.search import run_tune
 
-    base = _base(pbmc_corpus, tiny_model, data__max_train_cells=160, baselines={"methods": ["logreg"], "n_top_genes": 200},
-                 optim={"learning_rate": 0.002, "num_train_epochs": 2})  # fmt: skip
+    base = _base(
+        pbmc_corpus, tiny_model, data__max_train_cells=160,
+        split={"column": "split", "validation_size": 0.05},
+        baselines={"methods": ["logreg"], "n_top_genes": 200},
+        optim={"learning_rate": 0.002, "num_train_epochs": 2},
+    )  # fmt: skip
     data = {
         "finetune": base,
         "space": {"optim.learning_rate": {"loguniform": [1.0e-4, 5.0e-3]},

@@ -24,6 +24,7 @@ from cellfoundry.tune.loop import TaskData, TrainState, evaluate, train_classifi
 from cellfoundry.tune.metrics import classification_metrics, majority_rate
 from cellfoundry.tune.models import build_classifier, load_finetuned, save_finetuned
 from cellfoundry.tune.prepare import Prepared, linear_probe, prepare, task_data
+from cellfoundry.tune.probe_model import ProbeClassifier
 from cellfoundry.tune.report import write_report
 from cellfoundry.tune.splits import Split, make_splits
 
@@ -48,6 +49,7 @@ __all__ = [
     "Comparison",
     "MethodResult",
     "Prepared",
+    "ProbeClassifier",
     "Split",
     "TaskData",
     "TrainState",
