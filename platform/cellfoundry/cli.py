@@ -65,6 +65,16 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_probe(args: argparse.Namespace) -> int:
+    from cellfoundry.config import ProbeConfig, load_config
+    from cellfoundry.evaluate.probe import run_probe
+
+    cfg = load_config(ProbeConfig, args.config, args.set)
+    report = run_probe(cfg)
+    print(json.dumps({"output_dir": cfg.output_dir, "summary": report.get("summary")}, indent=2, default=str))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from cellfoundry.demo import run_demo
 
@@ -206,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--config", default=None, help="YAML config (see jobs/configs/evaluate/)")
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. max_pairs=50000")
     q.set_defaults(func=_evaluate_batch)
+    q = ev.add_parser("probe", help="linear probe on frozen embeddings vs fine-tuned vs baselines")
+    q.add_argument("--config", required=True, help="YAML config (see jobs/configs/evaluate/probe-smoke.yaml)")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. methods=[probe]")
+    q.set_defaults(func=_evaluate_probe)
     return parser
 
 

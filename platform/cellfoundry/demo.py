@@ -123,6 +123,14 @@ def _serve_step(finetuned: Path | None) -> dict[str, Any]:
         serve.shutdown()
 
 
+def _probe_step() -> dict[str, Any]:
+    from cellfoundry.config import ProbeConfig, load_config
+    from cellfoundry.evaluate.probe import run_probe
+
+    cfg = load_config(ProbeConfig, _config("evaluate", "probe-smoke"))
+    return {"output_dir": cfg.output_dir, "summary": run_probe(cfg).get("summary")}
+
+
 def outputs(root: Path = SMOKE) -> dict[str, list[str]]:
     """Every artifact (a folder with manifest.json) and picture (PNG) under ``root``."""
     return {
@@ -162,6 +170,7 @@ def run_demo(*, synthetic: bool | None = None, serve_api: bool = True) -> dict[s
     steps["evaluate_batch"] = _step(
         "evaluate batch", lambda: run_batch_job(_config("evaluate", "batch-smoke"), []), t
     )
+    steps["evaluate_probe"] = _step("evaluate probe", lambda: _probe_step(), t)
     if serve_api:
         finetuned = SMOKE / "finetuned"
         steps["serve"] = _step(

@@ -59,3 +59,11 @@ def test_shared_placeholder_expands() -> None:
     cfg = parse_config(CorpusJobConfig, BASE, ["corpus.tokenize.dictionaries={shared}/geneformer/v2"])
     assert "{shared}" not in str(cfg.corpus.tokenize.dictionaries)
     assert str(cfg.corpus.tokenize.dictionaries).endswith("geneformer/v2")
+
+
+def test_exponent_without_dot_is_a_number() -> None:
+    """YAML 1.1 reads ``3e-3`` as a string; a float field still takes it."""
+    cfg = parse_config(CorpusJobConfig, BASE, ["corpus.qc.n_sd=25e-1"])
+    assert cfg.corpus.qc.n_sd == 2.5
+    with pytest.raises(ValueError, match="expected a number"):
+        parse_config(CorpusJobConfig, BASE, ["corpus.qc.n_sd=abc"])

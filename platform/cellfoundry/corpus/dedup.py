@@ -103,7 +103,7 @@ def find_duplicates(
             VerifyGroup,
             batch_format="pyarrow",
             fn_constructor_kwargs={"panels": ray.put(panels), "min_identity": min_identity},
-            concurrency=1,
+            compute=ray.data.ActorPoolStrategy(size=1),
         )
         .take_all()
     )

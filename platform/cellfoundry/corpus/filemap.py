@@ -64,7 +64,7 @@ def run_per_item(items: list[dict[str, Any]], udf: type[PerItem], **constructor_
         udf,
         fn_constructor_kwargs={k: ray.put(v) for k, v in constructor_kwargs.items()},
         batch_size=1,
-        concurrency=(1, cpus),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus),
         num_cpus=1,
     )
     return [json.loads(r["result"]) for r in ds.take_all()]
