@@ -46,7 +46,11 @@ def _tune(args: argparse.Namespace) -> int:
 def _embed(args: argparse.Namespace) -> int:
     from cellfoundry.infer.embed_job import run_embed_job
 
-    flags = [f"{k}={v}" for k, v in (("model", args.model), ("tokenized", args.input), ("output", args.output)) if v]
+    flags = [
+        f"{k}={v}"
+        for k, v in (("model", args.model), ("tokenized", args.input), ("output", args.output))
+        if v
+    ]
     print(json.dumps(run_embed_job(args.config, [*flags, *args.set]), indent=2))
     return 0
 
@@ -71,7 +75,11 @@ def _evaluate_probe(args: argparse.Namespace) -> int:
 
     cfg = load_config(ProbeConfig, args.config, args.set)
     report = run_probe(cfg)
-    print(json.dumps({"output_dir": cfg.output_dir, "summary": report.get("summary")}, indent=2, default=str))
+    print(
+        json.dumps(
+            {"output_dir": cfg.output_dir, "summary": report.get("summary")}, indent=2, default=str
+        )
+    )
     return 0
 
 
@@ -98,7 +106,12 @@ def _tokenize(args: argparse.Namespace) -> int:
         gene_table=args.gene_table,
     )  # fmt: skip
     failed = manifest["counts"]["quarantined"]
-    print(json.dumps({"output": args.output, "cells": manifest["counts"]["cells"], "failed": failed}, indent=2))
+    print(
+        json.dumps(
+            {"output": args.output, "cells": manifest["counts"]["cells"], "failed": failed},
+            indent=2,
+        )
+    )
     return 1 if failed else 0
 
 
@@ -136,76 +149,151 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("corpus", help="stage 1: catalog -> cells -> medians -> vocabulary -> tokenized")
+    p = sub.add_parser(
+        "corpus", help="stage 1: catalog -> cells -> medians -> vocabulary -> tokenized"
+    )
     p.add_argument("--config", required=True, help="YAML config (see jobs/configs/corpus/)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. corpus.qc.n_sd=2.5")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override, e.g. corpus.qc.n_sd=2.5",
+    )
     p.set_defaults(func=_corpus)
 
-    p = sub.add_parser("pretrain", help="stage 2: pretrain a BERT on tokenized cells (Ray Train + DeepSpeed)")
+    p = sub.add_parser(
+        "pretrain", help="stage 2: pretrain a BERT on tokenized cells (Ray Train + DeepSpeed)"
+    )
     p.add_argument("--config", required=True, help="YAML config (see jobs/configs/pretrain/)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=1e-4")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override, e.g. optim.lr=1e-4",
+    )
     p.set_defaults(func=_pretrain)
 
-    p = sub.add_parser("finetune", help="stage 3: fine-tune a classifier (full, probe, few-shot, QLoRA) + baselines")
+    p = sub.add_parser(
+        "finetune",
+        help="stage 3: fine-tune a classifier (full, probe, few-shot, QLoRA) + baselines",
+    )
     p.add_argument("--config", required=True, help="YAML config (see jobs/configs/finetune/)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.learning_rate=0.0001")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override, e.g. optim.learning_rate=0.0001",
+    )
     p.set_defaults(func=_finetune)
 
     p = sub.add_parser("tune", help="stage 3: hyperparameter search (Ray Tune + HyperOpt + ASHA)")
     p.add_argument("--config", required=True, help="YAML config (see jobs/configs/tune/)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. tune.num_samples=16")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override, e.g. tune.num_samples=16",
+    )
     p.set_defaults(func=_tune)
 
-    p = sub.add_parser("embed", help="stage 4: cell (.h5ad) and gene (Parquet) embeddings (Ray Data)")
+    p = sub.add_parser(
+        "embed", help="stage 4: cell (.h5ad) and gene (Parquet) embeddings (Ray Data)"
+    )
     p.add_argument("--model", help="model directory")
     p.add_argument("--input", help="tokenized artifact (part-*.parquet shards)")
     p.add_argument("--output", help="AnnData file to write, OUT.h5ad")
-    p.add_argument("--config", default=None, help="YAML config (see jobs/configs/embed/); flags override it")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. layer=-1")
+    p.add_argument(
+        "--config", default=None, help="YAML config (see jobs/configs/embed/); flags override it"
+    )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. layer=-1"
+    )
     p.set_defaults(func=_embed)
 
     p = sub.add_parser("perturb", help="stage 4: in-silico perturbation screen (Ray Data)")
     p.add_argument("--config", required=True, help="YAML config (see jobs/configs/perturb/)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. fraction=0.5")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override, e.g. fraction=0.5",
+    )
     p.set_defaults(func=_perturb)
 
-    p = sub.add_parser("serve", help="stage 5: the HTTP API (/embed, /classify, /perturb) on Ray Serve")
+    p = sub.add_parser(
+        "serve", help="stage 5: the HTTP API (/embed, /classify, /perturb) on Ray Serve"
+    )
     p.add_argument("--config", required=True, help="YAML config (see jobs/configs/serve/)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. http.port=8001")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override, e.g. http.port=8001",
+    )
     p.set_defaults(func=_serve)
 
-    p = sub.add_parser("demo", help="every stage's smoke run in order on one local cluster, then a summary")
-    p.add_argument("--synthetic", action="store_true", help="use generated data even if ../shared/data exists")
-    p.add_argument("--no-serve", action="store_true", help="skip starting and querying the HTTP API")
+    p = sub.add_parser(
+        "demo", help="every stage's smoke run in order on one local cluster, then a summary"
+    )
+    p.add_argument(
+        "--synthetic", action="store_true", help="use generated data even if ../shared/data exists"
+    )
+    p.add_argument(
+        "--no-serve", action="store_true", help="skip starting and querying the HTTP API"
+    )
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("tokenize", help="tokenize h5ad/loom/10x files with Geneformer dictionaries")
     p.add_argument("inputs", nargs="+", help="input files (h5ad, loom, 10x .h5, 10x mtx folders)")
-    p.add_argument("--dictionaries", required=True, help="folder with token and median dictionaries")
+    p.add_argument(
+        "--dictionaries", required=True, help="folder with token and median dictionaries"
+    )
     p.add_argument("--mode", choices=["v1", "v2"], default="v2")
     p.add_argument("--output", required=True, help="output folder (Parquet shards + manifest.json)")
-    p.add_argument("--model-input-size", type=int, default=None, help="default 4096 (v2) / 2048 (v1)")
+    p.add_argument(
+        "--model-input-size", type=int, default=None, help="default 4096 (v2) / 2048 (v1)"
+    )
     p.add_argument("--rows-per-chunk", type=int, default=4096)
     p.add_argument("--gene-table", default=None, help="gene table for symbol lookup")
     p.add_argument("--address", default=None, help="Ray cluster address (default: local)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local cluster")
     p.set_defaults(func=_tokenize)
 
-    p = sub.add_parser("synth", help="write realistic synthetic h5ad files + catalog (no ../shared/data needed)")
-    p.add_argument("--output", required=True, help="folder for the .h5ad files, genes.tsv, catalog.yaml, truth.json")
+    p = sub.add_parser(
+        "synth", help="write realistic synthetic h5ad files + catalog (no ../shared/data needed)"
+    )
+    p.add_argument(
+        "--output",
+        required=True,
+        help="folder for the .h5ad files, genes.tsv, catalog.yaml, truth.json",
+    )
     p.add_argument("--cells", type=int, default=3000, help="cells over all files (default 3000)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
     p.add_argument("--genes", type=int, default=2000, help="genes in the panel (default 2000)")
     p.set_defaults(func=_synth)
 
-    p = sub.add_parser("evaluate", help="evaluation: masked-gene accuracy, batch robustness, probes")
+    p = sub.add_parser(
+        "evaluate", help="evaluation: masked-gene accuracy, batch robustness, probes"
+    )
     ev = p.add_subparsers(dest="evaluation", required=True)
     q = ev.add_parser("masked", help="masked-gene accuracy of a model vs the rank baseline")
     q.add_argument("--model", help="model directory (config.json, safetensors, token dictionary)")
     q.add_argument("--tokens", help="tokenized artifact (part-*.parquet shards)")
     q.add_argument("--output", help="report folder (default: <model>-eval-masked beside the model)")
     q.add_argument("--config", default=None, help="YAML config (see jobs/configs/evaluate/)")
-    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. holdout.max_cells=500")
+    q.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override, e.g. holdout.max_cells=500",
+    )
     q.set_defaults(func=_evaluate_masked)
     q = ev.add_parser("batch", help="cosine similarities of cell / gene pairs across batches")
     q.add_argument("--embeddings", help="cell embeddings .h5ad (.obsm['X_cellfoundry'])")
@@ -214,11 +302,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--gene-embeddings", help="gene embeddings Parquet (one row per gene and group)")
     q.add_argument("--output", help="report folder (default: <embeddings stem>-eval-batch)")
     q.add_argument("--config", default=None, help="YAML config (see jobs/configs/evaluate/)")
-    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. max_pairs=50000")
+    q.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override, e.g. max_pairs=50000",
+    )
     q.set_defaults(func=_evaluate_batch)
     q = ev.add_parser("probe", help="linear probe on frozen embeddings vs fine-tuned vs baselines")
-    q.add_argument("--config", required=True, help="YAML config (see jobs/configs/evaluate/probe-smoke.yaml)")
-    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. methods=[probe]")
+    q.add_argument(
+        "--config", required=True, help="YAML config (see jobs/configs/evaluate/probe-smoke.yaml)"
+    )
+    q.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override, e.g. methods=[probe]",
+    )
     q.set_defaults(func=_evaluate_probe)
     return parser
 

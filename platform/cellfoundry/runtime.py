@@ -57,7 +57,9 @@ def init_ray(cfg: RayConfig | None = None) -> bool:
         include_dashboard=False,
         log_to_driver=False,
     )
-    logger.info("started a local Ray cluster on 127.0.0.1 (%s CPUs)", ray.cluster_resources().get("CPU"))
+    logger.info(
+        "started a local Ray cluster on 127.0.0.1 (%s CPUs)", ray.cluster_resources().get("CPU")
+    )
     return True
 
 

@@ -34,7 +34,9 @@ def corpus_config(output: Path, **overrides: object) -> CorpusConfig:
 
 
 @pytest.fixture(scope="module")
-def real_run(ray_local: None, real_h5ad: list[Path], tmp_path_factory: pytest.TempPathFactory) -> CorpusResult:
+def real_run(
+    ray_local: None, real_h5ad: list[Path], tmp_path_factory: pytest.TempPathFactory
+) -> CorpusResult:
     return run_corpus(corpus_config(tmp_path_factory.mktemp("corpus")))
 
 
@@ -57,7 +59,9 @@ def test_counts_reconcile_and_duplicates_found(real_run: CorpusResult) -> None:
     assert dup.height == 954
     # ... while pbmc_facs cells that only share a barcode are not duplicates.
     facs = cells.filter(pl.col("dataset_id") == "pbmc_facs")
-    barcodes = facs["cell_id"].str.extract(r":([ACGT]+-1)").value_counts().filter(pl.col("count") > 1)
+    barcodes = (
+        facs["cell_id"].str.extract(r":([ACGT]+-1)").value_counts().filter(pl.col("count") > 1)
+    )
     assert barcodes["count"].sum() == 20  # 20 cells, 10 barcodes
     assert facs.filter(pl.col("qc") == "duplicate").height == 0
     assert cells["cell_id"].is_unique().all()
@@ -75,7 +79,11 @@ def test_qc_thresholds_follow_the_seeds(real_run: CorpusResult) -> None:
         t = status["thresholds"]
         assert t["counts_low"] == pytest.approx(lo) and t["counts_high"] == pytest.approx(hi)
         outliers = mine.filter((pl.col("n_counts") < lo) | (pl.col("n_counts") > hi))
-        assert set(outliers["qc"].to_list()) <= {"total_counts_outlier", "low_protein_coding_genes", "duplicate"}
+        assert set(outliers["qc"].to_list()) <= {
+            "total_counts_outlier",
+            "low_protein_coding_genes",
+            "duplicate",
+        }
         passed = mine.filter(pl.col("qc") == "passed")
         assert (passed["n_pc_genes"] >= 7).all()
 
@@ -102,7 +110,9 @@ def test_vocabulary_and_tokens(real_run: CorpusResult) -> None:
     assert genes == sorted(genes) and all(g.startswith("ENSG") for g in genes)
     tokens = read(real_run.tokenized, ARTIFACT_FILES["tokenized"])
     assert tokens.height == real_run.counts["passed"]
-    assert {"input_ids", "length", "cell_id", "cell_type", "organ_major", "dataset_id"} <= set(tokens.columns)
+    assert {"input_ids", "length", "cell_id", "cell_type", "organ_major", "dataset_id"} <= set(
+        tokens.columns
+    )
     first = tokens["input_ids"].list.first().unique().to_list()
     last = tokens["input_ids"].list.last().unique().to_list()
     assert first == [2] and last == [3]

@@ -35,7 +35,9 @@ def write_catalog(folder: Path, rows: list[dict]) -> Path:
 
 
 def config(catalog: Path, out: Path) -> CorpusConfig:
-    return parse_config(CorpusConfig, {"catalog": str(catalog), "output_dir": str(out), "rows_per_chunk": 128})
+    return parse_config(
+        CorpusConfig, {"catalog": str(catalog), "output_dir": str(out), "rows_per_chunk": 128}
+    )
 
 
 @pytest.fixture
@@ -133,6 +135,9 @@ def test_doi_duplicates_and_flags(ray_local: None, pbmc3k: ad.AnnData, tmp_path:
     assert c["duplicates"] == 200
     assert c["filtered"]["excluded_malignant"] == 200
     assert c["filtered"]["excluded_non_droplet"] == 200
-    assert c["passed"] + sum(v for k, v in c["filtered"].items() if not k.startswith("excluded")) == 200
+    assert (
+        c["passed"] + sum(v for k, v in c["filtered"].items() if not k.startswith("excluded"))
+        == 200
+    )
     status = artifacts.read_manifest(result.cells)["datasets"]
     assert status["same_doi"] == {"status": "duplicate_dataset", "duplicate_of": "first"}

@@ -16,7 +16,9 @@ from cellfoundry.corpus.tokenize_files import DictionaryGenes
 from cellfoundry.genes import GeneTable
 
 
-def plain_tokens(path: Path, dg: DictionaryGenes, table: GeneTable, mode: str) -> tuple[list[str], list[list[int]]]:
+def plain_tokens(
+    path: Path, dg: DictionaryGenes, table: GeneTable, mode: str
+) -> tuple[list[str], list[list[int]]]:
     """Rank value encoding written plainly, one cell at a time (DESIGN.md)."""
     adata = ad.read_h5ad(path)
     if "ensembl_id" in adata.var:
@@ -25,7 +27,9 @@ def plain_tokens(path: Path, dg: DictionaryGenes, table: GeneTable, mode: str) -
         col_map, _ = dg.column_map(list(adata.var_names), "symbol", table)
     X = adata.X.tocsr()
     n_counts = (
-        adata.obs["n_counts"].to_numpy(np.float64) if "n_counts" in adata.obs else np.asarray(X.sum(axis=1)).ravel()
+        adata.obs["n_counts"].to_numpy(np.float64)
+        if "n_counts" in adata.obs
+        else np.asarray(X.sum(axis=1)).ravel()
     )
     enc = dg.encoder
     cells = []
@@ -37,7 +41,9 @@ def plain_tokens(path: Path, dg: DictionaryGenes, table: GeneTable, mode: str) -
                 summed[int(col_map[j])] += float(c)
         n = float(n_counts[i])
         ranked = sorted(
-            (-(c / n * 10000.0 / enc.medians[g]), int(enc.token_ids[g])) for g, c in summed.items() if c > 0
+            (-(c / n * 10000.0 / enc.medians[g]), int(enc.token_ids[g]))
+            for g, c in summed.items()
+            if c > 0
         )
         tokens = [t for _, t in ranked][: enc.max_genes]
         cells.append([2, *tokens, 3] if mode == "v2" else tokens)
@@ -72,8 +78,18 @@ def test_real_files_match_plain_encoding(
     assert offset == got.height == manifest["counts"]["cells"]
 
 
-def test_v1_dictionaries_with_v2_mode_is_a_clear_error(ray_local: None, real_h5ad: list[Path], geneformer_dir: Path, tmp_path: Path) -> None:
-    argv = [str(real_h5ad[0]), "--dictionaries", str(geneformer_dir / "v1"), "--mode", "v2", "--output", str(tmp_path / "x")]
+def test_v1_dictionaries_with_v2_mode_is_a_clear_error(
+    ray_local: None, real_h5ad: list[Path], geneformer_dir: Path, tmp_path: Path
+) -> None:
+    argv = [
+        str(real_h5ad[0]),
+        "--dictionaries",
+        str(geneformer_dir / "v1"),
+        "--mode",
+        "v2",
+        "--output",
+        str(tmp_path / "x"),
+    ]
     assert main(["tokenize", *argv]) == 2  # a ValueError, reported in one line
     with pytest.raises(ValueError, match="v1 dictionaries but --mode is v2"):
         DictionaryGenes.load(geneformer_dir / "v1", "v2")

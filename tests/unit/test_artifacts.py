@@ -19,7 +19,12 @@ def test_atomic_write_and_reuse(tmp_path: Path) -> None:
     assert manifest["config"] == {"method": "exact"}
     fp = artifacts.fingerprint("medians", {"method": "exact"}, {})
     assert artifacts.reusable(target, "medians", fp) is not None
-    assert artifacts.reusable(target, "medians", artifacts.fingerprint("medians", {"method": "sketch"}, {})) is None
+    assert (
+        artifacts.reusable(
+            target, "medians", artifacts.fingerprint("medians", {"method": "sketch"}, {})
+        )
+        is None
+    )
     with pytest.raises(artifacts.ArtifactError, match="expected 'cells'"):
         artifacts.read_manifest(target, "cells")
 

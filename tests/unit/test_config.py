@@ -16,7 +16,9 @@ BASE = {"corpus": {"catalog": "c.yaml", "output_dir": "out"}}
 
 
 def test_defaults_and_overrides() -> None:
-    cfg = parse_config(CorpusJobConfig, BASE, ["corpus.qc.n_sd=2.5", "ray.num_cpus=2", "corpus.tokenize.mode=v1"])
+    cfg = parse_config(
+        CorpusJobConfig, BASE, ["corpus.qc.n_sd=2.5", "ray.num_cpus=2", "corpus.tokenize.mode=v1"]
+    )
     assert cfg.corpus.qc.n_sd == 2.5
     assert cfg.ray.num_cpus == 2
     assert cfg.corpus.tokenize.model_input_size == 2048
@@ -56,7 +58,9 @@ def test_yaml_roundtrip(tmp_path: Path) -> None:
 
 
 def test_shared_placeholder_expands() -> None:
-    cfg = parse_config(CorpusJobConfig, BASE, ["corpus.tokenize.dictionaries={shared}/geneformer/v2"])
+    cfg = parse_config(
+        CorpusJobConfig, BASE, ["corpus.tokenize.dictionaries={shared}/geneformer/v2"]
+    )
     assert "{shared}" not in str(cfg.corpus.tokenize.dictionaries)
     assert str(cfg.corpus.tokenize.dictionaries).endswith("geneformer/v2")
 

@@ -45,7 +45,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}")
+        raise ConfigError(
+            errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}"
+        )
     if origin is Literal:
         if value not in get_args(tp):
             choices = ", ".join(repr(a) for a in get_args(tp))
@@ -133,7 +135,9 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
-def parse_config(cls: type[T], data: dict[str, Any] | None, overrides: typing.Sequence[str] = ()) -> T:
+def parse_config(
+    cls: type[T], data: dict[str, Any] | None, overrides: typing.Sequence[str] = ()
+) -> T:
     """Build ``cls`` from a plain mapping plus ``KEY=VALUE`` dotted overrides."""
     data = copy.deepcopy(dict(data or {}))
     for override in overrides:

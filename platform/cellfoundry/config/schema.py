@@ -24,7 +24,9 @@ class RayConfig:
         if self.num_cpus is not None and self.num_cpus < 1:
             raise ValueError("ray.num_cpus must be >= 1 (or null for all CPUs)")
         if self.object_store_memory is not None and self.object_store_memory < 75 * 1024**2:
-            raise ValueError("ray.object_store_memory must be at least 78643200 (75 MiB), Ray's minimum")
+            raise ValueError(
+                "ray.object_store_memory must be at least 78643200 (75 MiB), Ray's minimum"
+            )
 
 
 @dataclass

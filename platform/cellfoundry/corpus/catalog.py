@@ -130,7 +130,9 @@ def load_catalog(path: str | Path) -> list[DatasetEntry]:
     """Read a YAML (``datasets:`` list) or CSV catalog; ids must be unique."""
     path = Path(path)
     if not path.is_file():
-        raise CatalogError(f"catalog {path} does not exist; write one (see cellfoundry.corpus.catalog)")
+        raise CatalogError(
+            f"catalog {path} does not exist; write one (see cellfoundry.corpus.catalog)"
+        )
     base = path.resolve().parent
     if path.suffix.lower() in {".yaml", ".yml"}:
         doc = yaml.safe_load(path.read_text()) or {}
@@ -151,7 +153,9 @@ def load_catalog(path: str | Path) -> list[DatasetEntry]:
     seen: set[str] = set()
     for e in entries:
         if e.id in seen:
-            raise CatalogError(f"catalog {path}: dataset id {e.id!r} appears twice; ids must be unique")
+            raise CatalogError(
+                f"catalog {path}: dataset id {e.id!r} appears twice; ids must be unique"
+            )
         seen.add(e.id)
     if not entries:
         raise CatalogError(f"catalog {path}: lists no datasets")

@@ -84,7 +84,9 @@ def content_hash(indptr: np.ndarray, gene_ids: np.ndarray, counts: np.ndarray) -
     return np.ascontiguousarray(_HEX[both]).view("<U32").ravel()
 
 
-def top_pairs_key(indptr: np.ndarray, gene_ids: np.ndarray, counts: np.ndarray, k: int = 16) -> np.ndarray:
+def top_pairs_key(
+    indptr: np.ndarray, gene_ids: np.ndarray, counts: np.ndarray, k: int = 16
+) -> np.ndarray:
     """Duplicate-candidate key per cell: :func:`content_hash` of its k highest (gene, count) pairs.
 
     Highly expressed genes survive any gene filtering of a dataset, so a copy of a cell in

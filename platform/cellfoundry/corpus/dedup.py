@@ -26,7 +26,11 @@ logger = logging.getLogger(__name__)
 
 
 def identity(
-    genes_a: np.ndarray, counts_a: np.ndarray, genes_b: np.ndarray, counts_b: np.ndarray, panel: np.ndarray
+    genes_a: np.ndarray,
+    counts_a: np.ndarray,
+    genes_b: np.ndarray,
+    counts_b: np.ndarray,
+    panel: np.ndarray,
 ) -> float:
     """Share of genes expressed by either cell (within ``panel``, bool over gene ids) with equal counts."""
     ka, kb = panel[genes_a], panel[genes_b]
@@ -88,7 +92,9 @@ def find_duplicates(
         .map_batches(lambda b: b.filter(pc.greater(b["n_genes"], 0)), batch_format="pyarrow")
         .groupby("dedup_key", num_partitions=num_partitions)
         .aggregate(Count(alias_name="n"))
-        .map_batches(lambda b: b.filter(pc.greater(b["n"], 1)).select(["dedup_key"]), batch_format="pyarrow")
+        .map_batches(
+            lambda b: b.filter(pc.greater(b["n"], 1)).select(["dedup_key"]), batch_format="pyarrow"
+        )
         .take_all()
     )
     if not keys:
@@ -96,8 +102,13 @@ def find_duplicates(
     candidates = pa.array([r["dedup_key"] for r in keys], pa.string())
     logger.info("dedup: %d candidate groups of cells sharing a key", len(candidates))
     found = (
-        ray.data.read_parquet(files, columns=["dedup_key", "order", "dataset_id", "gene_ids", "counts"])
-        .map_batches(lambda b: b.filter(pc.is_in(b["dedup_key"], value_set=candidates)), batch_format="pyarrow")
+        ray.data.read_parquet(
+            files, columns=["dedup_key", "order", "dataset_id", "gene_ids", "counts"]
+        )
+        .map_batches(
+            lambda b: b.filter(pc.is_in(b["dedup_key"], value_set=candidates)),
+            batch_format="pyarrow",
+        )
         .groupby("dedup_key", num_partitions=num_partitions)
         .map_groups(
             VerifyGroup,

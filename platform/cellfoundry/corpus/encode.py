@@ -101,7 +101,12 @@ _ROWS_PER_BLOCK = 256  # bounds a padded block to 256 x (longest cell) values
 
 
 def _encode_block(
-    score: np.ndarray, tok: np.ndarray, per_cell: np.ndarray, out: np.ndarray, out_start: np.ndarray, k: int
+    score: np.ndarray,
+    tok: np.ndarray,
+    per_cell: np.ndarray,
+    out: np.ndarray,
+    out_start: np.ndarray,
+    k: int,
 ) -> None:
     """Rank the genes of a block of cells and write each cell's first ``k`` tokens.
 

@@ -53,7 +53,9 @@ def resolve(value: Any) -> Any:
     return ray.get(value) if isinstance(value, ray.ObjectRef) else value
 
 
-def run_per_item(items: list[dict[str, Any]], udf: type[PerItem], **constructor_kwargs: Any) -> list[dict[str, Any]]:
+def run_per_item(
+    items: list[dict[str, Any]], udf: type[PerItem], **constructor_kwargs: Any
+) -> list[dict[str, Any]]:
     """Run ``udf`` over ``items`` on an autoscaling actor pool; results in item order."""
     import ray
 

@@ -61,7 +61,9 @@ class GeneIndex:
 
     def lookup(self, ensembl_ids: list[str | None]) -> np.ndarray:
         """int32 corpus ids (-1 where None or not in the index)."""
-        return np.array([self.position.get(g, -1) if g else -1 for g in ensembl_ids], dtype=np.int32)
+        return np.array(
+            [self.position.get(g, -1) if g else -1 for g in ensembl_ids], dtype=np.int32
+        )
 
 
 @dataclass
@@ -86,17 +88,26 @@ def file_signature(uri: str) -> str:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.Directory:
             infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-            return ";".join(f"{i.path}:{i.size}:{i.mtime_ns}" for i in sorted(infos, key=lambda i: i.path))
+            return ";".join(
+                f"{i.path}:{i.size}:{i.mtime_ns}" for i in sorted(infos, key=lambda i: i.path)
+            )
         return f"{info.size}:{info.mtime_ns}"
     except (OSError, ValueError):
         return "unreadable"
 
 
 def probe_dataset(
-    entry: DatasetEntry, index: int, genes: GeneIndex, table: GeneTable, rows_per_chunk: int, salt: str
+    entry: DatasetEntry,
+    index: int,
+    genes: GeneIndex,
+    table: GeneTable,
+    rows_per_chunk: int,
+    salt: str,
 ) -> ProbedDataset:
     """Open a dataset's header, map its genes, plan its chunks (raises SourceError)."""
-    info = sources.probe(entry.uri, entry.format, gene_id_column=entry.gene_id_column, matrix=entry.matrix)
+    info = sources.probe(
+        entry.uri, entry.format, gene_id_column=entry.gene_id_column, matrix=entry.matrix
+    )
     missing = [src for src in entry.metadata.values() if src not in info.obs_columns]
     if missing:
         raise sources.SourceError(
@@ -117,7 +128,14 @@ def probe_dataset(
             "set gene_id_column in the catalog to the var column holding Ensembl IDs or symbols",
         )
     signature = json.dumps(
-        [entry.to_row(), info.format, file_signature(entry.uri), rows_per_chunk, salt, INGEST_VERSION],
+        [
+            entry.to_row(),
+            info.format,
+            file_signature(entry.uri),
+            rows_per_chunk,
+            salt,
+            INGEST_VERSION,
+        ],
         sort_keys=True,
     )
     return ProbedDataset(
@@ -129,7 +147,8 @@ def probe_dataset(
         fingerprint=hashlib.sha256(signature.encode()).hexdigest()[:16],
         # A whole-file format (mtx) is parsed whole by any task: one chunk, not many.
         chunks=sources.chunk_ranges(
-            info.n_cells, info.n_cells if info.format in sources.WHOLE_FILE_FORMATS else rows_per_chunk
+            info.n_cells,
+            info.n_cells if info.format in sources.WHOLE_FILE_FORMATS else rows_per_chunk,
         ),
     )
 

@@ -59,14 +59,21 @@ def _catalog_stage(cfg: CorpusConfig, out: Path) -> tuple[Path, list[cat.Dataset
 
 
 def _probe_all(
-    entries: list[cat.DatasetEntry], cfg: CorpusConfig, genes: GeneIndex, table: GeneTable, salt: str
+    entries: list[cat.DatasetEntry],
+    cfg: CorpusConfig,
+    genes: GeneIndex,
+    table: GeneTable,
+    salt: str,
 ) -> tuple[list[ProbedDataset], dict[str, dict[str, Any]]]:
     """Probe every dataset in its own Ray task; failures are quarantined, not raised."""
     import ray
 
     probe = ray.remote(num_cpus=1, max_retries=0)(ingest.probe_dataset)
     genes_ref, table_ref = ray.put(genes), ray.put(table)
-    refs = {e.id: probe.remote(e, i, genes_ref, table_ref, cfg.rows_per_chunk, salt) for i, e in enumerate(entries)}
+    refs = {
+        e.id: probe.remote(e, i, genes_ref, table_ref, cfg.rows_per_chunk, salt)
+        for i, e in enumerate(entries)
+    }
     probed, quarantined = [], {}
     for e in entries:
         try:
@@ -80,7 +87,9 @@ def _probe_all(
     return probed, quarantined
 
 
-def _ingest(probed: list[ProbedDataset], work: Path, genes: GeneIndex, metadata_columns: list[str]) -> list[dict[str, Any]]:
+def _ingest(
+    probed: list[ProbedDataset], work: Path, genes: GeneIndex, metadata_columns: list[str]
+) -> list[dict[str, Any]]:
     plan = {
         p.entry.id: {
             "entry": p.entry, "index": p.index, "col_map": p.col_map, "n_genes": len(genes),
@@ -96,11 +105,18 @@ def _ingest(probed: list[ProbedDataset], work: Path, genes: GeneIndex, metadata_
     return run_per_item(items, ingest.IngestChunks, plan=plan)
 
 
-def _cells_stage(cfg: CorpusConfig, out: Path, catalog_path: Path, entries: list[cat.DatasetEntry]) -> Path:
+def _cells_stage(
+    cfg: CorpusConfig, out: Path, catalog_path: Path, entries: list[cat.DatasetEntry]
+) -> Path:
     path, work = out / "cells", out / "_work"
     table = GeneTable.load(cfg.gene_table)
     salt = ingest.file_signature(str(table.source)) if getattr(table, "source", None) else "default"
-    stage_cfg = {"gene_table": cfg.gene_table, "rows_per_chunk": cfg.rows_per_chunk, "qc": asdict(cfg.qc), "salt": salt}
+    stage_cfg = {
+        "gene_table": cfg.gene_table,
+        "rows_per_chunk": cfg.rows_per_chunk,
+        "qc": asdict(cfg.qc),
+        "salt": salt,
+    }
     fp = artifacts.fingerprint("cells", stage_cfg, {"catalog": catalog_path})
     previous = artifacts.reusable(path, "cells", fp)
     if previous and not previous["counts"]["quarantined"]:
@@ -147,13 +163,20 @@ def _cells_stage(cfg: CorpusConfig, out: Path, catalog_path: Path, entries: list
         thresholds[p.entry.id] = qc.Thresholds.from_moments(
             m_counts, m_mito, cfg.qc.n_sd, cfg.qc.min_protein_coding_genes
         )
-        dataset_status[p.entry.id] = {"status": "read", "thresholds": thresholds[p.entry.id].to_dict(), "genes": p.gene_report}
+        dataset_status[p.entry.id] = {
+            "status": "read",
+            "thresholds": thresholds[p.entry.id].to_dict(),
+            "genes": p.gene_report,
+        }
         _drop_stale_parts(work, p)
     parts = [(p, f) for p in good for f in sorted(ingest.part_dir(work, p).glob("part-*.parquet"))]
     files = [str(f) for _, f in parts]
     duplicates: tuple[np.ndarray, np.ndarray] = (np.zeros(0, np.int64), np.zeros(0, np.int64))
     if cfg.qc.deduplicate_cells:
-        panels = {p.entry.id: np.bincount(p.col_map[p.col_map >= 0], minlength=len(genes)) > 0 for p in good}
+        panels = {
+            p.entry.id: np.bincount(p.col_map[p.col_map >= 0], minlength=len(genes)) > 0
+            for p in good
+        }
         duplicates = dedup.find_duplicates(
             files, panels, min_identity=cfg.qc.duplicate_min_identity,
             num_partitions=_n_partitions(sum(p.n_cells for p in good)),
@@ -169,7 +192,9 @@ def _cells_stage(cfg: CorpusConfig, out: Path, catalog_path: Path, entries: list
              "dst": str(w.dir / "data" / part_name(p.index, int(f.stem.split("-")[1])))}
             for p, f in parts
         ]  # fmt: skip
-        results = run_per_item(items, qc.AssignQCFiles, thresholds=thresholds, duplicate_orders=duplicates[0])
+        results = run_per_item(
+            items, qc.AssignQCFiles, thresholds=thresholds, duplicate_orders=duplicates[0]
+        )
         w.counts = _reconcile(results, entries, dataset_status, by_id)
         w.extra["datasets"] = dataset_status
         summary = w.counts.pop("_per_dataset")
@@ -185,7 +210,12 @@ def _drop_stale_parts(work: Path, p: ProbedDataset) -> None:
             shutil.rmtree(child, ignore_errors=True)
 
 
-def _reconcile(results: list[dict[str, Any]], entries: list[cat.DatasetEntry], status: dict[str, dict[str, Any]], probed: dict[str, ProbedDataset]) -> dict[str, Any]:
+def _reconcile(
+    results: list[dict[str, Any]],
+    entries: list[cat.DatasetEntry],
+    status: dict[str, dict[str, Any]],
+    probed: dict[str, ProbedDataset],
+) -> dict[str, Any]:
     """Counts that add up: cells_in = passed + filtered + duplicates + quarantined."""
     outcomes: dict[str, dict[str, int]] = {}
     for r in results:
@@ -218,7 +248,12 @@ def _reconcile(results: list[dict[str, Any]], entries: list[cat.DatasetEntry], s
         else:
             filtered[st["status"]] = filtered.get(st["status"], 0) + n
             rows.append({"dataset_id": e.id, "outcome": st["status"], "cells": n})
-    total = passed + duplicates + sum(filtered.values()) + sum(q["n_cells"] for q in quarantined.values())
+    total = (
+        passed
+        + duplicates
+        + sum(filtered.values())
+        + sum(q["n_cells"] for q in quarantined.values())
+    )
     assert total == cells_in, f"counts do not reconcile: {total} != {cells_in}"
     return {
         "cells_in": cells_in, "passed": passed, "filtered": filtered, "duplicates": duplicates,
@@ -243,7 +278,9 @@ def run_corpus(cfg: CorpusConfig) -> CorpusResult:
     return CorpusResult(catalog_path, cells_path, medians_path, vocab_path, tokenized_path, counts)
 
 
-def run_corpus_job(config: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> CorpusResult:
+def run_corpus_job(
+    config: str | Path | None, overrides: list[str] | tuple[str, ...] = ()
+) -> CorpusResult:
     """What ``cellfoundry corpus`` and ``jobs/corpus.py`` do: load the YAML, join Ray, run."""
     from cellfoundry.config import CorpusJobConfig, load_config
     from cellfoundry.runtime import init_ray

@@ -36,7 +36,11 @@ class Thresholds:
 
     @classmethod
     def from_moments(
-        cls, counts: tuple[int, float, float], mito: tuple[int, float, float], n_sd: float, min_pc: int
+        cls,
+        counts: tuple[int, float, float],
+        mito: tuple[int, float, float],
+        n_sd: float,
+        min_pc: int,
     ) -> Thresholds:
         (_, cm, cs), (_, mm, ms) = counts, mito
         return cls(cm - n_sd * cs, cm + n_sd * cs, mm - n_sd * ms, mm + n_sd * ms, min_pc)
@@ -45,7 +49,9 @@ class Thresholds:
         return self.__dict__.copy()
 
 
-def assign_outcomes(batch: pa.Table, thresholds: dict[str, Thresholds], duplicate_orders: np.ndarray) -> pa.Table:
+def assign_outcomes(
+    batch: pa.Table, thresholds: dict[str, Thresholds], duplicate_orders: np.ndarray
+) -> pa.Table:
     """``batch`` with the ``qc`` column added (``duplicate_orders``: sorted int64 orders)."""
     n = batch.num_rows
     outcome = np.full(n, PASSED, dtype=object)
@@ -57,7 +63,12 @@ def assign_outcomes(batch: pa.Table, thresholds: dict[str, Thresholds], duplicat
     for name in np.unique(ds):
         t = thresholds[name]
         sel = ds == name
-        lo_c[sel], hi_c[sel], lo_m[sel], hi_m[sel] = t.counts_low, t.counts_high, t.mito_low, t.mito_high
+        lo_c[sel], hi_c[sel], lo_m[sel], hi_m[sel] = (
+            t.counts_low,
+            t.counts_high,
+            t.mito_low,
+            t.mito_high,
+        )
         min_pc[sel] = t.min_pc_genes
     # Later assignments win, so apply the reasons from lowest to highest precedence.
     outcome[(mito < lo_m) | (mito > hi_m)] = "mito_outlier"
@@ -78,8 +89,13 @@ class AssignQCFiles(PerItem):
     def process(self, item: dict[str, Any]) -> dict[str, Any]:
         table = assign_outcomes(pq.read_table(item["src"]), self.thresholds, self.duplicate_orders)
         write_table_atomic(table, Path(item["dst"]))
-        outcomes, counts = np.unique(table["qc"].to_numpy(zero_copy_only=False).astype(str), return_counts=True)
-        return {"dataset_id": item["dataset_id"], "outcomes": dict(zip(outcomes.tolist(), counts.tolist(), strict=True))}
+        outcomes, counts = np.unique(
+            table["qc"].to_numpy(zero_copy_only=False).astype(str), return_counts=True
+        )
+        return {
+            "dataset_id": item["dataset_id"],
+            "outcomes": dict(zip(outcomes.tolist(), counts.tolist(), strict=True)),
+        }
 
 
 def is_passed(batch: pa.Table) -> pa.Table:

@@ -40,7 +40,9 @@ class DictionaryGenes:
     encoder: RankEncoder
 
     @classmethod
-    def load(cls, path: str | Path, mode: str, model_input_size: int | None = None) -> DictionaryGenes:
+    def load(
+        cls, path: str | Path, mode: str, model_input_size: int | None = None
+    ) -> DictionaryGenes:
         d = GeneformerDictionaries.load(path)
         if d.version != mode:
             raise ValueError(
@@ -58,7 +60,9 @@ class DictionaryGenes:
         )
         return cls(d, list(genes), encoder)
 
-    def column_map(self, names: Sequence[str], kind: str, table: GeneTable | None) -> tuple[np.ndarray, dict[str, Any]]:
+    def column_map(
+        self, names: Sequence[str], kind: str, table: GeneTable | None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         """int32 [n_names] -> position in ``genes`` (-1: not tokenised), and a mapping report."""
         position = {g: i for i, g in enumerate(self.genes)}
         mapping = self.dictionaries.ensembl_mapping
@@ -67,7 +71,11 @@ class DictionaryGenes:
         def collapse(gene_id: str | None) -> str | None:
             if not gene_id:
                 return None
-            key = gene_id.upper().split(".")[0] if gene_id.upper().startswith("ENS") else gene_id.upper()
+            key = (
+                gene_id.upper().split(".")[0]
+                if gene_id.upper().startswith("ENS")
+                else gene_id.upper()
+            )
             return mapping.get(key) if mapping else key
 
         if kind == "ensembl":
@@ -110,7 +118,9 @@ class TokenizeChunks(PerItem):
         n_counts = chunk.n_counts_obs
         if n_counts is None:  # the cell's total raw count over all genes of its file
             n_counts = row_sums(chunk.indptr, chunk.data.astype(np.float64))
-        ptr, idx, cnt = remap_csr(chunk.indptr, chunk.indices, chunk.data, p["col_map"], len(self.encoder.token_ids))
+        ptr, idx, cnt = remap_csr(
+            chunk.indptr, chunk.indices, chunk.data, p["col_map"], len(self.encoder.token_ids)
+        )
         offsets, tokens = self.encoder.encode(ptr, idx, cnt, n_counts)
         table = pa.table({
             "cell_id": pa.array(chunk.barcodes.astype(str), pa.string()),
@@ -119,7 +129,12 @@ class TokenizeChunks(PerItem):
             "length": pa.array(np.diff(offsets), pa.int64()),
         })  # fmt: skip
         write_table_atomic(table, Path(item["out_dir"]) / part_name(p["index"], start))
-        return {"uri": uri, "error": "", "rows": table.num_rows, "lengths": length_histogram(np.diff(offsets), self.max_length)}
+        return {
+            "uri": uri,
+            "error": "",
+            "rows": table.num_rows,
+            "lengths": length_histogram(np.diff(offsets), self.max_length),
+        }
 
 
 def tokenize_files(
@@ -163,7 +178,9 @@ def tokenize_files(
         reports[uri] = report
         plan[uri] = {"format": info.format, "col_map": col_map, "index": len(plan)}
         rows = info.n_cells if info.format in sources.WHOLE_FILE_FORMATS else rows_per_chunk
-        items += [{"uri": uri, "start": s, "stop": t} for s, t in sources.chunk_ranges(info.n_cells, rows)]
+        items += [
+            {"uri": uri, "start": s, "stop": t} for s, t in sources.chunk_ranges(info.n_cells, rows)
+        ]
     config = {"inputs": list(inputs), "signatures": [file_signature(u) for u in inputs],
               "dictionaries": str(Path(dictionaries).resolve()), "mode": mode,
               "model_input_size": model_input_size, "gene_table": gene_table}  # fmt: skip
@@ -185,8 +202,14 @@ def tokenize_files(
                     shard.unlink()
         good = [r["lengths"] for r in results if not r["error"] and r["uri"] not in quarantined]
         max_length = dg.encoder.max_genes + (2 if mode == "v2" else 0)
-        hist = merge_histograms(good) if good else length_histogram(np.zeros(0, np.int64), max_length)
-        w.counts = {"cells": hist["cells"], "files": len(plan) - len(set(quarantined) & set(plan)), "quarantined": quarantined}
+        hist = (
+            merge_histograms(good) if good else length_histogram(np.zeros(0, np.int64), max_length)
+        )
+        w.counts = {
+            "cells": hist["cells"],
+            "files": len(plan) - len(set(quarantined) & set(plan)),
+            "quarantined": quarantined,
+        }
         w.extra["genes"] = reports
         w.extra["length_histogram"] = hist
     return artifacts.read_manifest(out)

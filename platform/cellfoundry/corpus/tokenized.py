@@ -42,13 +42,17 @@ class EncodeCells:
     not tokenised); genes colliding on one position are summed before ranking.
     """
 
-    def __init__(self, encoder: RankEncoder, gene_map: np.ndarray, keep_columns: Sequence[str]) -> None:
+    def __init__(
+        self, encoder: RankEncoder, gene_map: np.ndarray, keep_columns: Sequence[str]
+    ) -> None:
         self.encoder, self.gene_map, self.keep_columns = encoder, gene_map, list(keep_columns)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         indptr, gene_ids = csr_from_lists(batch["gene_ids"])
         _, counts = csr_from_lists(batch["counts"])
-        ptr, idx, cnt = remap_csr(indptr, gene_ids, counts, self.gene_map, len(self.encoder.token_ids))
+        ptr, idx, cnt = remap_csr(
+            indptr, gene_ids, counts, self.gene_map, len(self.encoder.token_ids)
+        )
         offsets, tokens = self.encoder.encode(ptr, idx, cnt, batch["n_counts"].to_numpy())
         columns: dict[str, pa.Array] = {
             name: batch[name] for name in self.keep_columns if name in batch.column_names
@@ -72,7 +76,10 @@ class EncodeFiles(PerItem):
             return {"rows": 0, "lengths": length_histogram(np.zeros(0, np.int64), self.max_length)}
         table = self.encode(passed)
         write_table_atomic(table, Path(item["dst"]))
-        return {"rows": table.num_rows, "lengths": length_histogram(table["length"].to_numpy(), self.max_length)}
+        return {
+            "rows": table.num_rows,
+            "lengths": length_histogram(table["length"].to_numpy(), self.max_length),
+        }
 
 
 def length_histogram(lengths: np.ndarray, max_length: int, n_bins: int = 16) -> dict[str, Any]:
@@ -90,7 +97,13 @@ def length_histogram(lengths: np.ndarray, max_length: int, n_bins: int = 16) -> 
 
 def merge_histograms(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Sum :func:`length_histogram` results of the same edges; adds the mean length."""
-    total = {"edges": parts[0]["edges"], "counts": np.zeros(len(parts[0]["counts"]), np.int64), "cells": 0, "tokens": 0, "at_max": 0}
+    total = {
+        "edges": parts[0]["edges"],
+        "counts": np.zeros(len(parts[0]["counts"]), np.int64),
+        "cells": 0,
+        "tokens": 0,
+        "at_max": 0,
+    }
     for h in parts:
         total["counts"] += np.asarray(h["counts"], np.int64)
         for key in ("cells", "tokens", "at_max"):
@@ -118,11 +131,22 @@ def write_hf_layout(parquet_files: Sequence[str | Path], out_dir: Path) -> dict[
     n = len(files)
     names = [f"data-{i:05d}-of-{n:05d}.arrow" for i in range(n)]
     convert = ray.remote(num_cpus=1)(_to_arrow_stream)
-    rows = ray.get([convert.remote(f, str(out_dir / name)) for f, name in zip(files, names, strict=True)])
+    rows = ray.get(
+        [convert.remote(f, str(out_dir / name)) for f, name in zip(files, names, strict=True)]
+    )
     schema = pq.read_schema(files[0]) if files else pa.schema([])
     features = Features.from_arrow_schema(schema).to_dict() if files else {}
     (out_dir / "dataset_info.json").write_text(
-        json.dumps({"citation": "", "description": "", "features": features, "homepage": "", "license": ""}, indent=2)
+        json.dumps(
+            {
+                "citation": "",
+                "description": "",
+                "features": features,
+                "homepage": "",
+                "license": "",
+            },
+            indent=2,
+        )
     )
     state = {
         "_data_files": [{"filename": name} for name in names],

@@ -40,9 +40,13 @@ def _passed_cells(cells: Path, columns: list[str] | None = None):
 
     files = _cell_files(cells)
     if not files:
-        raise ValueError(f"{cells}: no cell passed QC in any dataset; check the catalog and the cells manifest")
+        raise ValueError(
+            f"{cells}: no cell passed QC in any dataset; check the catalog and the cells manifest"
+        )
     cols = None if columns is None else [*columns, "qc"]
-    return ray.data.read_parquet(files, columns=cols).map_batches(qc.is_passed, batch_format="pyarrow")
+    return ray.data.read_parquet(files, columns=cols).map_batches(
+        qc.is_passed, batch_format="pyarrow"
+    )
 
 
 def medians_stage(cfg: CorpusConfig, out: Path, cells: Path) -> Path:
@@ -63,7 +67,10 @@ def medians_stage(cfg: CorpusConfig, out: Path, cells: Path) -> Path:
         table = medians_to_table(result, genes["ensembl_id"].to_pylist())
         pq.write_table(table, w.dir / "medians.parquet")
         w.counts = {"genes_detected": int((result.n_detected > 0).sum()), "passes": result.passes}
-        w.extra["method"] = {"name": result.method, "relative_error_bound": result.relative_error_bound}
+        w.extra["method"] = {
+            "name": result.method,
+            "relative_error_bound": result.relative_error_bound,
+        }
     return path
 
 
@@ -91,7 +98,9 @@ def vocabulary_stage(cfg: CorpusConfig, out: Path, cells: Path, medians: Path) -
 
         table = pl.read_parquet(medians / "medians.parquet").filter(pl.col("n_cells_detected") > 0)
         tokens = build_vocabulary(
-            table["ensembl_id"].to_list(), mode=cfg.tokenize.mode, gene_table=GeneTable.load(cfg.gene_table)
+            table["ensembl_id"].to_list(),
+            mode=cfg.tokenize.mode,
+            gene_table=GeneTable.load(cfg.gene_table),
         )
         all_med = dict(zip(table["ensembl_id"].to_list(), table["median"].to_list(), strict=True))
         med = {g: all_med[g] for g in tokens if g in all_med}
@@ -106,7 +115,9 @@ def vocabulary_stage(cfg: CorpusConfig, out: Path, cells: Path, medians: Path) -
     return path
 
 
-def corpus_encoder(vocab: Path, ensembl_ids: list[str], mode: str, max_genes: int) -> tuple[RankEncoder, np.ndarray]:
+def corpus_encoder(
+    vocab: Path, ensembl_ids: list[str], mode: str, max_genes: int
+) -> tuple[RankEncoder, np.ndarray]:
     """Encoder over the vocabulary's genes, and the corpus gene id -> vocabulary position map."""
     tokens = load_token_dictionary(vocab / TOKENS_FILE)
     med = json.loads((vocab / MEDIANS_FILE).read_text())
@@ -115,7 +126,9 @@ def corpus_encoder(vocab: Path, ensembl_ids: list[str], mode: str, max_genes: in
     genes = sorted(g for g in tokens if not g.startswith("<") and g in med)
     position = {g: i for i, g in enumerate(genes)}
     if mapping:  # Geneformer convention: upper-case, then collapse through the mapping dictionary.
-        gene_map = np.array([position.get(mapping.get(g.upper(), ""), -1) for g in ensembl_ids], np.int32)
+        gene_map = np.array(
+            [position.get(mapping.get(g.upper(), ""), -1) for g in ensembl_ids], np.int32
+        )
     else:
         gene_map = np.array([position.get(g, -1) for g in ensembl_ids], np.int32)
     encoder = RankEncoder(

@@ -21,7 +21,12 @@ logger = logging.getLogger(__name__)
 
 # Heads stay in full precision: bitsandbytes cannot quantize a head of few outputs, and the
 # tied MLM decoder shares the word embeddings (PITFALLS.md).
-_SKIP_MODULES = ["cls", "classifier", "pooler", "pooler.dense"]  # names match from the start or as a suffix
+_SKIP_MODULES = [
+    "cls",
+    "classifier",
+    "pooler",
+    "pooler.dense",
+]  # names match from the start or as a suffix
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -191,7 +191,9 @@ def _write_model_artifact(
     return Path(cfg.output_dir)
 
 
-def run_pretrain_job(config: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+def run_pretrain_job(
+    config: str | Path | None, overrides: list[str] | tuple[str, ...] = ()
+) -> dict[str, Any]:
     """What ``cellfoundry pretrain`` and ``jobs/pretrain.py`` do: load the YAML, join Ray, train.
 
     Returns a JSON-able summary (artifact paths, final loss, steps, completed).

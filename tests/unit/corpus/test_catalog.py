@@ -30,7 +30,11 @@ def test_yaml_and_csv_agree(tmp_path: Path) -> None:
     assert c.uri == str(shared_dir() / "data" / "h5ad" / "x.h5ad")
     assert a.metadata == {"cell_type": "celltype"}
     qc = QCConfig()
-    assert [exclusion_reason(e, qc) for e in yaml_rows] == [None, "excluded_malignant", "excluded_cell_line"]
+    assert [exclusion_reason(e, qc) for e in yaml_rows] == [
+        None,
+        "excluded_malignant",
+        "excluded_cell_line",
+    ]
     assert exclusion_reason(b, QCConfig(exclude_malignant=False)) == "excluded_non_droplet"
     assert doi_duplicates(yaml_rows) == {"c": "a"}  # DOIs compare case-insensitively
 

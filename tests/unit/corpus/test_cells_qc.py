@@ -18,7 +18,9 @@ from cellfoundry.corpus.qc import Thresholds, assign_outcomes
 
 def test_remap_sums_collisions_and_drops_unmapped() -> None:
     # Two file genes (0, 1) map to corpus gene 3; file gene 2 is unmapped.
-    ptr, idx, data = remap_csr(np.array([0, 3, 4]), np.array([0, 1, 2, 2]), np.array([2, 5, 7, 1]), np.array([3, 3, -1]), 4)
+    ptr, idx, data = remap_csr(
+        np.array([0, 3, 4]), np.array([0, 1, 2, 2]), np.array([2, 5, 7, 1]), np.array([3, 3, -1]), 4
+    )
     assert ptr.tolist() == [0, 1, 1] and idx.tolist() == [3] and data.tolist() == [7]
 
 
@@ -30,7 +32,9 @@ def test_hashes_identify_pair_sets() -> None:
     assert h[0] == h[1] != h[2]  # the same pairs in another order hash equal
     k = top_pairs_key(ptr, genes, counts, k=2)
     assert k[0] == k[1] != k[2]  # cell 2 has (3, 8) among its top pairs
-    k1 = top_pairs_key(np.array([0, 3, 6]), np.array([1, 2, 3, 1, 2, 3]), np.array([9, 8, 1, 9, 8, 2]), k=2)
+    k1 = top_pairs_key(
+        np.array([0, 3, 6]), np.array([1, 2, 3, 1, 2, 3]), np.array([9, 8, 1, 9, 8, 2]), k=2
+    )
     assert k1[0] == k1[1]  # cells differing only below their top 2 share the key
 
 
@@ -44,7 +48,9 @@ def test_identity_on_shared_panel() -> None:
 
 
 def test_chunk_to_cells_fields() -> None:
-    flags = GeneFlags(protein_coding=np.array([True, True, False]), mitochondrial=np.array([False, False, True]))
+    flags = GeneFlags(
+        protein_coding=np.array([True, True, False]), mitochondrial=np.array([False, False, True])
+    )
     t = chunk_to_cells(
         dataset_id="d", dataset_index=2, start=10, barcodes=np.array(["x", "y"]),
         indptr=np.array([0, 3, 4]), indices=np.array([0, 1, 2, 3]), data=np.array([1, 2, 3, 4]),
@@ -67,4 +73,10 @@ def test_outcomes_precedence() -> None:
     })  # fmt: skip
     t = {"d": Thresholds(50, 500, 0, 10, 7)}
     out = assign_outcomes(batch, t, np.array([4], np.int64))["qc"].to_pylist()
-    assert out == ["passed", "total_counts_outlier", "mito_outlier", "low_protein_coding_genes", "duplicate"]
+    assert out == [
+        "passed",
+        "total_counts_outlier",
+        "mito_outlier",
+        "low_protein_coding_genes",
+        "duplicate",
+    ]
