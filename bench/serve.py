@@ -135,14 +135,16 @@ def run_setting(
 def update_results_md(doc: dict[str, Any]) -> Path:
     """Replace the serving section of RESULTS.md with this run's table."""
     m = doc["metrics"]
-    rows = sorted({k.rsplit(".", 2)[0] for k in m if k.endswith(".p50_ms")})
+    keys = {k.rsplit(".", 1)[0] for k in m if k.endswith(".p50_ms")}
+    rows = sorted(keys, key=lambda k: (k.rsplit(".c", 1)[0], int(k.rsplit(".c", 1)[1])))
     lines = [
         MD_BEGIN,
         "## Stage 5: serving (`bench/serve.py`)",
         "",
         f"`{doc['command']}` on `{doc['device']}`, {doc['date']}. `/embed` with real pbmc_facs "
         "cells as raw counts (tokenized on the server), random weights, dynamic batching; "
-        f"{int(m['requests'])} requests per concurrency level, one replica.",
+        f"{int(m['requests'])} requests per concurrency level, one replica. The clients run on "
+        "the same machine as the server, so on a small CPU they compete with it for cores.",
         "",
         "| setting | concurrency | p50 ms | p99 ms | requests/s |",
         "|---|---:|---:|---:|---:|",

@@ -106,7 +106,8 @@ class Classifiers:
         }
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0})
+# The ingress only awaits the model replicas: let it hold many requests (Serve's default is 5).
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 @serve.ingress(api)
 class Api:
     """HTTP ingress: validation, auth, server-side tokenization, routing to the replicas."""
