@@ -31,6 +31,21 @@ def _config(stage: str, name: str = "smoke") -> str:
     return str(CONFIGS / stage / f"{name}.yaml")
 
 
+# The smoke configs name pbmc_facs and real marker genes; on generated data the labelled
+# dataset is synth_facs, and the screen deletes every expressed gene of a few cells instead.
+SYNTHETIC_OVERRIDES: dict[str, list[str]] = {
+    "finetune": ["data.dataset_ids=[synth_facs]"],
+    "tune": ["finetune.data.dataset_ids=[synth_facs]"],
+    "probe": ["finetune.data.dataset_ids=[synth_facs]"],
+    "perturb": [
+        "perturbations=[]",
+        "genome_wide=delete",
+        "max_cells=8",
+        "goal.value=CD14 monocytes",
+    ],
+}
+
+
 def _step(name: str, fn: Callable[[], Any], timings: dict[str, float]) -> Any:
     logger.info("demo: %s ...", name)
     t0 = time.perf_counter()
@@ -123,11 +138,11 @@ def _serve_step(finetuned: Path | None) -> dict[str, Any]:
         serve.shutdown()
 
 
-def _probe_step() -> dict[str, Any]:
+def _probe_step(overrides: list[str]) -> dict[str, Any]:
     from cellfoundry.config import ProbeConfig, load_config
     from cellfoundry.evaluate.probe import run_probe
 
-    cfg = load_config(ProbeConfig, _config("evaluate", "probe-smoke"))
+    cfg = load_config(ProbeConfig, _config("evaluate", "probe-smoke"), overrides)
     return {"output_dir": cfg.output_dir, "summary": run_probe(cfg).get("summary")}
 
 
@@ -157,20 +172,28 @@ def run_demo(*, synthetic: bool | None = None, serve_api: bool = True) -> dict[s
     runtime.init_ray(RayConfig(num_cpus=2, object_store_memory=300 * 1024**2))
     runtime.configure_data_context()
     t: dict[str, float] = {}
+
+    def extra(stage: str) -> list[str]:
+        return SYNTHETIC_OVERRIDES.get(stage, []) if synthetic else []
+
     steps: dict[str, Any] = {}
     steps["corpus"] = _step("corpus", lambda: _corpus_step(synthetic), t)
     steps["pretrain"] = _step("pretrain", lambda: run_pretrain_job(_config("pretrain"), []), t)
-    steps["finetune"] = _step("finetune", lambda: run_finetune_job(_config("finetune"), []), t)
-    steps["tune"] = _step("tune", lambda: run_tune_job(_config("tune"), []), t)
+    steps["finetune"] = _step(
+        "finetune", lambda: run_finetune_job(_config("finetune"), extra("finetune")), t
+    )
+    steps["tune"] = _step("tune", lambda: run_tune_job(_config("tune"), extra("tune")), t)
     steps["embed"] = _step("embed", lambda: run_embed_job(_config("embed"), []), t)
-    steps["perturb"] = _step("perturb", lambda: run_perturb_job(_config("perturb"), []), t)
+    steps["perturb"] = _step(
+        "perturb", lambda: run_perturb_job(_config("perturb"), extra("perturb")), t
+    )
     steps["evaluate_masked"] = _step(
         "evaluate masked", lambda: run_masked_job(_config("evaluate", "masked-smoke"), []), t
     )
     steps["evaluate_batch"] = _step(
         "evaluate batch", lambda: run_batch_job(_config("evaluate", "batch-smoke"), []), t
     )
-    steps["evaluate_probe"] = _step("evaluate probe", lambda: _probe_step(), t)
+    steps["evaluate_probe"] = _step("evaluate probe", lambda: _probe_step(extra("probe")), t)
     if serve_api:
         finetuned = SMOKE / "finetuned"
         steps["serve"] = _step(
