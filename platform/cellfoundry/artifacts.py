@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -143,3 +144,26 @@ def write_artifact(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+RUN_FINGERPRINT = "cellfoundry_fingerprint"
+
+
+def claim_run_dir(run_dir: str | Path, fingerprint: str) -> Path:
+    """Make ``run_dir`` (a Ray Train run or Ray Tune experiment folder, which a rerun
+    resumes) belong to ``fingerprint``: a folder left by another config or other inputs (or
+    with no fingerprint) is moved aside to ``<name>.superseded-<old>-<time>``, never resumed
+    and never deleted. Returns ``run_dir``."""
+    run_dir = Path(run_dir)
+    marker = run_dir / RUN_FINGERPRINT
+    if run_dir.is_dir() and (not marker.is_file() or marker.read_text().strip() != fingerprint):
+        old = marker.read_text().strip()[:8] if marker.is_file() else "unknown"
+        aside = run_dir.with_name(f"{run_dir.name}.superseded-{old}-{int(time.time())}")
+        logger.warning(
+            "%s holds a run of another config or inputs: moved it to %s; starting afresh",
+            run_dir, aside,
+        )  # fmt: skip
+        run_dir.rename(aside)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(fingerprint + "\n")
+    return run_dir

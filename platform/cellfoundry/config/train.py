@@ -50,6 +50,9 @@ class DataConfig:
     """Share of gene tokens to predict per cell (80% <mask>, 10% random gene, 10% kept)."""
     pad_to_multiple_of: int = 8
     """Padded length is rounded up to a multiple of this (tensor-core friendly)."""
+    exclude: dict[str, list[str]] = field(default_factory=dict)
+    """Metadata column -> values whose cells are left out of pretraining, e.g.
+    ``{split: [test]}`` keeps the cells a later evaluation holds out unseen."""
 
     def __post_init__(self) -> None:
         # absolute: Ray workers do not run in the driver's working directory

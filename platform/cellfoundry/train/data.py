@@ -8,6 +8,7 @@ from a checkpoint sees exactly the batches an uninterrupted run would have seen.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,26 +100,66 @@ def shard_files(directory: str | Path) -> list[Path]:
     return files
 
 
-def load_token_corpus(directory: str | Path) -> TokenCorpus:
-    """Read the ``input_ids`` of every shard (in name order) into a :class:`TokenCorpus`.
+def _kept(table: pa.Table, exclude: dict[str, list[str]] | None) -> pa.Array | None:
+    """Boolean mask of the rows of one shard that ``exclude`` keeps (None: all)."""
+    if not exclude:
+        return None
+    keep = pa.array(np.ones(table.num_rows, dtype=bool))
+    for column, values in exclude.items():
+        hit = pc.is_in(table[column].cast(pa.string()), value_set=pa.array(values, pa.string()))
+        keep = pc.and_(keep, pc.invert(pc.fill_null(hit, False)))
+    return keep
+
+
+def _read(path: Path, columns: list[str]) -> pa.Table:
+    names = pq.read_schema(path).names
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise ValueError(
+            f"data.exclude: {path} has no column {missing[0]!r}; its columns are {names}: fix "
+            "the column name or drop it from data.exclude"
+        )
+    return pq.read_table(path, columns=columns)
+
+
+def _read_shards(directory: str | Path, exclude: dict[str, list[str]] | None) -> Iterator[pa.Table]:
+    for f in shard_files(directory):
+        table = _read(f, ["input_ids", *(exclude or {})])
+        keep = _kept(table, exclude)
+        yield table if keep is None else table.filter(keep)
+
+
+def load_token_corpus(
+    directory: str | Path, exclude: dict[str, list[str]] | None = None
+) -> TokenCorpus:
+    """Read the ``input_ids`` of every shard (in name order) into a :class:`TokenCorpus`,
+    leaving out cells whose metadata ``exclude`` names (column -> values).
 
     Memory: 4 bytes per token plus 8 per cell, in every worker.
     """
     column = pa.chunked_array(
-        [pq.read_table(f, columns=["input_ids"])["input_ids"] for f in shard_files(directory)]
+        [t["input_ids"] for t in _read_shards(directory, exclude)], type=pa.list_(pa.int32())
     )
     lengths = pc.list_value_length(column).fill_null(0).to_numpy(zero_copy_only=False)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     tokens = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
     if len(offsets) == 1:
-        raise ValueError(f"data.tokenized: {directory} holds no cells")
+        raise ValueError(f"data.tokenized: {directory} holds no cells (after data.exclude)")
     return TokenCorpus(offsets, tokens)
 
 
-def count_cells(directory: str | Path) -> int:
-    """Cells in a tokenized artifact, from the Parquet footers (reads no data)."""
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in shard_files(directory))
+def count_cells(directory: str | Path, exclude: dict[str, list[str]] | None = None) -> int:
+    """Cells in a tokenized artifact: from the Parquet footers (reads no data), or, with
+    ``exclude``, by reading only the named metadata columns."""
+    if not exclude:
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in shard_files(directory))
+    total = 0
+    for f in shard_files(directory):
+        table = _read(f, list(exclude))
+        keep = _kept(table, exclude)
+        total += int(pc.sum(keep).as_py() or 0) if keep is not None else table.num_rows
+    return total
 
 
 def truncate(row: np.ndarray, max_length: int, eos_id: int | None) -> np.ndarray:

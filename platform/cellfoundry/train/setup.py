@@ -84,7 +84,7 @@ def prepare_run(
     max_length = resolve_max_length(cfg, model_config)
     batches = None
     if load_data:
-        corpus = load_token_corpus(cfg.data.tokenized)
+        corpus = load_token_corpus(cfg.data.tokenized, cfg.data.exclude)
         batches = PretrainBatches(
             corpus,
             td,
@@ -96,7 +96,7 @@ def prepare_run(
         )
         n_cells, micro = len(corpus), batches.micro_per_epoch
     else:
-        n_cells = count_cells(cfg.data.tokenized)
+        n_cells = count_cells(cfg.data.tokenized, cfg.data.exclude)
         micro = micro_batches_per_epoch(n_cells, cfg.data.batch_size, world_size)
         if micro == 0:
             raise ValueError(

@@ -15,6 +15,7 @@ from cellfoundry.config import DataConfig
 from cellfoundry.model import IGNORE_INDEX
 from cellfoundry.train.data import (
     PretrainBatches,
+    count_cells,
     derive_seed,
     load_token_corpus,
     resolve_token_dictionary,
@@ -62,6 +63,24 @@ def test_corpus_reads_every_shard_in_order(shards: tuple[Path, list[list[int]]])
     assert corpus.tokens.dtype == np.int32
     assert [corpus.row(i).tolist() for i in range(len(cells))] == cells
     assert corpus.lengths.tolist() == [len(c) for c in cells]
+
+
+def test_exclude_leaves_out_held_out_cells(tmp_path: Path) -> None:
+    """data.exclude: cells whose metadata names an excluded value never enter pretraining."""
+    directory = tmp_path / "tokenized"
+    directory.mkdir()
+    cells = [[2, 10 + i, 3] for i in range(6)]
+    split = ["train", "test", None, "train", "test", "train"]
+    pq.write_table(
+        pa.table({"input_ids": pa.array(cells, pa.list_(pa.int32())), "split": split}),
+        directory / "part-00000-000000000000.parquet",
+    )
+    corpus = load_token_corpus(directory, {"split": ["test"]})
+    assert [corpus.row(i).tolist() for i in range(len(corpus))] == [cells[i] for i in (0, 2, 3, 5)]
+    assert count_cells(directory, {"split": ["test"]}) == 4 == len(corpus)
+    assert count_cells(directory) == 6
+    with pytest.raises(ValueError, match="no column 'donor'"):
+        load_token_corpus(directory, {"donor": ["d1"]})
 
 
 def test_missing_shards_say_what_to_run(tmp_path: Path) -> None:
