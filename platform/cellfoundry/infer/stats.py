@@ -191,6 +191,9 @@ def plot_stats(stats: pl.DataFrame, path: str | Path, *, top: int = 10) -> Path:
     ax.scatter(x, y, s=8, alpha=0.7)
     for i in range(min(top, stats.height)):
         ax.annotate(stats["perturbation"][i], (x[i], y[i]), fontsize=6)
+    ax.axvline(0.0, color="grey", lw=0.5)
+    ax.xaxis.set_major_locator(plt.MaxNLocator(5))  # shifts are small: few, readable ticks
+    ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 2))
     ax.set_xlabel(f"mean {tested.replace('_', ' ')}")
     ax.set_ylabel("-log10 FDR")
     ax.set_title(f"{stats.height} perturbations")
