@@ -144,6 +144,16 @@ def _evaluate_batch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_args(
+    p: argparse.ArgumentParser, where: str, example: str, *, required: bool = True
+) -> None:
+    """``--config FILE`` and repeatable ``--set KEY=VALUE`` overrides."""
+    p.add_argument("--config", required=required, default=None, help=f"YAML config (see {where})")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help=f"override, e.g. {example}"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cellfoundry", description=__doc__)
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
@@ -152,52 +162,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "corpus", help="stage 1: catalog -> cells -> medians -> vocabulary -> tokenized"
     )
-    p.add_argument("--config", required=True, help="YAML config (see jobs/configs/corpus/)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override, e.g. corpus.qc.n_sd=2.5",
-    )
+    _config_args(p, "jobs/configs/corpus/", "corpus.qc.n_sd=2.5")
     p.set_defaults(func=_corpus)
 
     p = sub.add_parser(
         "pretrain", help="stage 2: pretrain a BERT on tokenized cells (Ray Train + DeepSpeed)"
     )
-    p.add_argument("--config", required=True, help="YAML config (see jobs/configs/pretrain/)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override, e.g. optim.lr=1e-4",
-    )
+    _config_args(p, "jobs/configs/pretrain/", "optim.lr=1e-4")
     p.set_defaults(func=_pretrain)
 
     p = sub.add_parser(
         "finetune",
         help="stage 3: fine-tune a classifier (full, probe, few-shot, QLoRA) + baselines",
     )
-    p.add_argument("--config", required=True, help="YAML config (see jobs/configs/finetune/)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override, e.g. optim.learning_rate=0.0001",
-    )
+    _config_args(p, "jobs/configs/finetune/", "optim.learning_rate=0.0001")
     p.set_defaults(func=_finetune)
 
     p = sub.add_parser("tune", help="stage 3: hyperparameter search (Ray Tune + HyperOpt + ASHA)")
-    p.add_argument("--config", required=True, help="YAML config (see jobs/configs/tune/)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override, e.g. tune.num_samples=16",
-    )
+    _config_args(p, "jobs/configs/tune/", "tune.num_samples=16")
     p.set_defaults(func=_tune)
 
     p = sub.add_parser(
@@ -206,36 +188,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model directory")
     p.add_argument("--input", help="tokenized artifact (part-*.parquet shards)")
     p.add_argument("--output", help="AnnData file to write, OUT.h5ad")
-    p.add_argument(
-        "--config", default=None, help="YAML config (see jobs/configs/embed/); flags override it"
-    )
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. layer=-1"
-    )
+    _config_args(p, "jobs/configs/embed/; flags override it", "layer=-1", required=False)
     p.set_defaults(func=_embed)
 
     p = sub.add_parser("perturb", help="stage 4: in-silico perturbation screen (Ray Data)")
-    p.add_argument("--config", required=True, help="YAML config (see jobs/configs/perturb/)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override, e.g. fraction=0.5",
-    )
+    _config_args(p, "jobs/configs/perturb/", "fraction=0.5")
     p.set_defaults(func=_perturb)
 
     p = sub.add_parser(
         "serve", help="stage 5: the HTTP API (/embed, /classify, /perturb) on Ray Serve"
     )
-    p.add_argument("--config", required=True, help="YAML config (see jobs/configs/serve/)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override, e.g. http.port=8001",
-    )
+    _config_args(p, "jobs/configs/serve/", "http.port=8001")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser(
@@ -286,14 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", help="model directory (config.json, safetensors, token dictionary)")
     q.add_argument("--tokens", help="tokenized artifact (part-*.parquet shards)")
     q.add_argument("--output", help="report folder (default: <model>-eval-masked beside the model)")
-    q.add_argument("--config", default=None, help="YAML config (see jobs/configs/evaluate/)")
-    q.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override, e.g. holdout.max_cells=500",
-    )
+    _config_args(q, "jobs/configs/evaluate/", "holdout.max_cells=500", required=False)
     q.set_defaults(func=_evaluate_masked)
     q = ev.add_parser("batch", help="cosine similarities of cell / gene pairs across batches")
     q.add_argument("--embeddings", help="cell embeddings .h5ad (.obsm['X_cellfoundry'])")
@@ -301,26 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--label-key", help=".obs column of cell types (default cell_type)")
     q.add_argument("--gene-embeddings", help="gene embeddings Parquet (one row per gene and group)")
     q.add_argument("--output", help="report folder (default: <embeddings stem>-eval-batch)")
-    q.add_argument("--config", default=None, help="YAML config (see jobs/configs/evaluate/)")
-    q.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override, e.g. max_pairs=50000",
-    )
+    _config_args(q, "jobs/configs/evaluate/", "max_pairs=50000", required=False)
     q.set_defaults(func=_evaluate_batch)
     q = ev.add_parser("probe", help="linear probe on frozen embeddings vs fine-tuned vs baselines")
-    q.add_argument(
-        "--config", required=True, help="YAML config (see jobs/configs/evaluate/probe-smoke.yaml)"
-    )
-    q.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override, e.g. methods=[probe]",
-    )
+    _config_args(q, "jobs/configs/evaluate/probe-smoke.yaml", "methods=[probe]")
     q.set_defaults(func=_evaluate_probe)
     return parser
 
