@@ -7,30 +7,19 @@ Without a cluster (no ``RAY_ADDRESS``) the same command starts a local one.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # a working-dir upload
 
-import cellfoundry.runtime  # noqa: F401  (first: a local cluster then binds to 127.0.0.1 only)
+from cellfoundry import runtime  # first: a local cluster then binds to 127.0.0.1 only
 from cellfoundry.corpus.pipeline import run_corpus_job
-from cellfoundry.logs import setup_logging
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args()
-    setup_logging()
-    result = run_corpus_job(args.config, args.set)
-    print(json.dumps({"artifacts": result.paths(), "counts": result.counts}, indent=2))
-    return 0
+def run(config: str, overrides: list[str]) -> dict:
+    result = run_corpus_job(config, overrides)
+    return {"artifacts": result.paths(), "counts": result.counts}
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(runtime.job_main(run, __doc__))

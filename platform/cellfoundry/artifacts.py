@@ -149,12 +149,15 @@ def write_artifact(
 RUN_FINGERPRINT = "cellfoundry_fingerprint"
 
 
-def claim_run_dir(run_dir: str | Path, fingerprint: str) -> Path:
-    """Make ``run_dir`` (a Ray Train run or Ray Tune experiment folder, which a rerun
-    resumes) belong to ``fingerprint``: a folder left by another config or other inputs (or
-    with no fingerprint) is moved aside to ``<name>.superseded-<old>-<time>``, never resumed
-    and never deleted. Returns ``run_dir``."""
-    run_dir = Path(run_dir)
+def claim_run_dir(storage_path: str | None, name: str | None, fingerprint: str) -> Path | None:
+    """Make the run folder ``storage_path/name`` (a Ray Train run or Ray Tune experiment,
+    which a rerun resumes) belong to ``fingerprint``: a folder left by another config or
+    other inputs (or with no fingerprint) is moved aside to
+    ``<name>.superseded-<old>-<time>``, never resumed and never deleted. Returns the folder;
+    None for remote storage (s3://, gs://), where run names must be kept distinct instead."""
+    if not storage_path or not name or "://" in storage_path:
+        return None
+    run_dir = Path(storage_path) / name
     marker = run_dir / RUN_FINGERPRINT
     if run_dir.is_dir() and (not marker.is_file() or marker.read_text().strip() != fingerprint):
         old = marker.read_text().strip()[:8] if marker.is_file() else "unknown"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from cellfoundry.config.schema import RayConfig
 
@@ -70,3 +72,25 @@ def configure_data_context() -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = True
+
+
+def job_main(
+    run: Callable[[str, list[str]], Any], doc: str | None, argv: Sequence[str] | None = None
+) -> int:
+    """What a ``jobs/<stage>.py`` entrypoint does: parse ``--config FILE`` and repeated
+    ``--set KEY=VALUE``, set up logging, call ``run(config, overrides)`` and print its
+    JSON-able summary."""
+    import argparse
+    import json
+
+    from cellfoundry.logs import setup_logging
+
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    setup_logging()
+    print(json.dumps(run(args.config, args.set), indent=2, default=str))
+    return 0

@@ -60,11 +60,14 @@ def test_inputs_hash_chain(tmp_path: Path) -> None:
 
 def test_claim_run_dir_moves_other_runs_aside(tmp_path: Path) -> None:
     """A resumable run folder is resumed only by the same fingerprint; others move aside."""
-    run = artifacts.claim_run_dir(tmp_path / "run", "aaaa1111")
+    run = artifacts.claim_run_dir(str(tmp_path), "run", "aaaa1111")
+    assert run == tmp_path / "run"
     (run / "checkpoint_000001").mkdir()
-    assert artifacts.claim_run_dir(run, "aaaa1111") == run and (run / "checkpoint_000001").is_dir()
-    artifacts.claim_run_dir(run, "bbbb2222")
+    assert artifacts.claim_run_dir(str(tmp_path), "run", "aaaa1111") == run
+    assert (run / "checkpoint_000001").is_dir()
+    artifacts.claim_run_dir(str(tmp_path), "run", "bbbb2222")
     assert not (run / "checkpoint_000001").exists()
     (aside,) = tmp_path.glob("run.superseded-aaaa1111-*")
     assert (aside / "checkpoint_000001").is_dir()  # kept, not deleted
     assert (run / artifacts.RUN_FINGERPRINT).read_text().strip() == "bbbb2222"
+    assert artifacts.claim_run_dir("s3://bucket/runs", "run", "cccc3333") is None

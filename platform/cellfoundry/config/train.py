@@ -163,6 +163,16 @@ class RunConfig:
     """Where Ray Train keeps checkpoints (local, NFS, s3://, gs://); default: a ``runs``
     folder beside ``output_dir``."""
 
+    def resolve(self, output_dir: str, folder: str) -> None:
+        """Fill the defaults: name = ``output_dir``'s folder name, storage = ``folder``
+        beside it; a local storage path becomes absolute."""
+        if self.name is None:
+            self.name = os.path.basename(output_dir.rstrip("/"))
+        if self.storage_path is None:
+            self.storage_path = os.path.join(os.path.dirname(output_dir), folder)
+        elif "://" not in self.storage_path:
+            self.storage_path = os.path.abspath(expand(self.storage_path))
+
 
 @dataclass
 class FailureConfig:
@@ -235,12 +245,7 @@ class PretrainJobConfig:
 
     def __post_init__(self) -> None:
         self.output_dir = os.path.abspath(expand(self.output_dir))
-        if self.run.name is None:
-            self.run.name = os.path.basename(self.output_dir.rstrip("/"))
-        if self.run.storage_path is None:
-            self.run.storage_path = os.path.join(os.path.dirname(self.output_dir), "runs")
-        elif "://" not in self.run.storage_path:
-            self.run.storage_path = os.path.abspath(expand(self.run.storage_path))
+        self.run.resolve(self.output_dir, "runs")
         if self.tracking.log_dir is None:
             if "://" in self.run.storage_path:
                 raise ValueError(

@@ -317,12 +317,7 @@ class TuneJobConfig:
 
     def __post_init__(self) -> None:
         self.output_dir = os.path.abspath(expand(self.output_dir))
-        if self.run.name is None:
-            self.run.name = os.path.basename(self.output_dir.rstrip("/"))
-        if self.run.storage_path is None:
-            self.run.storage_path = os.path.join(os.path.dirname(self.output_dir), "tune_runs")
-        elif "://" not in self.run.storage_path:
-            self.run.storage_path = os.path.abspath(expand(self.run.storage_path))
+        self.run.resolve(self.output_dir, "tune_runs")
         kinds = {"uniform", "loguniform", "quniform", "randint", "choice"}
         for key, dist in self.space.items():
             if len(dist) != 1 or next(iter(dist)) not in kinds:

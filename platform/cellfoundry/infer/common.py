@@ -23,13 +23,11 @@ TOKEN_COLUMNS = ("input_ids", "length")
 
 
 def shard_files(tokenized: str | Path) -> list[Path]:
-    """The ``part-*.parquet`` shards of a tokenized artifact, in name order."""
-    files = sorted(Path(tokenized).glob("part-*.parquet"))
-    if not files:
-        raise ValueError(
-            f"tokenized: {tokenized} holds no part-*.parquet shards; run `cellfoundry corpus` "
-            "or `cellfoundry tokenize` first, or point tokenized at their output"
-        )
+    """The ``part-*.parquet`` shards of a tokenized artifact, in name order, checked to hold
+    ``cell_id`` and ``input_ids``."""
+    from cellfoundry.train.data import shard_files as tokenized_shards
+
+    files = tokenized_shards(tokenized, field="tokenized")
     schema = pq.read_schema(files[0])
     for column in ("cell_id", "input_ids"):
         if column not in schema.names:

@@ -89,13 +89,14 @@ class TokenCorpus:
         return self.tokens[self.offsets[i] : self.offsets[i + 1]]
 
 
-def shard_files(directory: str | Path) -> list[Path]:
-    """The ``part-*.parquet`` shards of a tokenized artifact, in name order."""
+def shard_files(directory: str | Path, *, field: str = "data.tokenized") -> list[Path]:
+    """The ``part-*.parquet`` shards of a tokenized artifact, in name order; ``field`` is
+    the config key named in the error."""
     files = sorted(Path(directory).glob("part-*.parquet"))
     if not files:
         raise ValueError(
-            f"data.tokenized: {directory} holds no part-*.parquet shards; run `cellfoundry corpus` "
-            "or `cellfoundry tokenize` first, or point data.tokenized at their output"
+            f"{field}: {directory} holds no part-*.parquet shards; run `cellfoundry corpus` "
+            f"or `cellfoundry tokenize` first, or point {field} at their output"
         )
     return files
 

@@ -114,9 +114,8 @@ def run_pretrain(cfg: PretrainJobConfig) -> PretrainResult:
         cfg.model.preset, f"{count_parameters(spec.model_config):,}", spec.n_cells,
         spec.plan.total_steps, cfg.run.name, cfg.run.storage_path,
     )  # fmt: skip
-    if "://" not in (cfg.run.storage_path or "") and cfg.run.name:
-        # Ray Train resumes a run folder of this name: only one of the same config and inputs.
-        artifacts.claim_run_dir(Path(cfg.run.storage_path or "") / cfg.run.name, fingerprint)
+    # Ray Train resumes a run folder of this name: only one of the same config and inputs.
+    artifacts.claim_run_dir(cfg.run.storage_path, cfg.run.name, fingerprint)
     result = _fit(cfg)
     metrics = dict(result.metrics or {})
     checkpoint = result.checkpoint

@@ -186,9 +186,8 @@ def run_tune(cfg: TuneJobConfig) -> dict[str, Any]:
     import ray
 
     job = config_to_dict(cfg.finetune)
-    if "://" not in (cfg.run.storage_path or "") and cfg.run.name:
-        # Tuner.restore resumes an experiment folder: only one of the same config and inputs.
-        artifacts.claim_run_dir(Path(cfg.run.storage_path or "") / cfg.run.name, fp)
+    # Tuner.restore resumes an experiment folder: only one of the same config and inputs.
+    artifacts.claim_run_dir(cfg.run.storage_path, cfg.run.name, fp)
     results = _tuner(cfg, job).fit()
     trials = trial_table(results, cfg.tune.metric)
     finished = sum(t["status"] == "TERMINATED" for t in trials)
