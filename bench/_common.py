@@ -271,3 +271,28 @@ def format_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     out = [line(header), line(["-" * w for w in widths])]
     out += [line(r) for r in text]
     return "\n".join(out)
+
+
+def update_results_section(
+    stage: str, lines: Sequence[str], *, row: str | None = None, device: str | None = None
+) -> Path:
+    """Replace ``stage``'s section of RESULTS.md (between its begin/end markers; appended
+    when missing) with ``lines``. With ``row``: keep the section's earlier result rows
+    (``| 2...``) of other devices (second column != ``device``) and append ``row``."""
+    path = BENCH_DIR / "RESULTS.md"
+    begin, end = f"<!-- bench/{stage}.py: begin -->", f"<!-- bench/{stage}.py: end -->"
+    text = path.read_text() if path.is_file() else "# Benchmark results\n"
+    kept: list[str] = []
+    if begin in text and end in text:
+        before, rest = text.split(begin, 1)
+        section, after = rest.split(end, 1)
+        if row is not None:
+            kept = [
+                ln for ln in section.splitlines()
+                if ln.startswith("| 2") and ln.split("|")[2].strip() != device
+            ]  # fmt: skip
+    else:
+        before, after = text.rstrip("\n") + "\n\n", "\n"
+    body = [begin, *lines, *kept, *([row] if row is not None else []), end]
+    path.write_text(before + "\n".join(body) + after)
+    return path

@@ -42,10 +42,17 @@ from typing import Any
 
 import torch
 
-from _common import BENCH_DIR, OUT_DIR, command_line, device_string, format_table, write_results
+from _common import (
+    BENCH_DIR,
+    OUT_DIR,
+    command_line,
+    device_string,
+    format_table,
+    update_results_section,
+    write_results,
+)
 
 RESULTS_MD = BENCH_DIR / "RESULTS.md"
-MD_BEGIN, MD_END = "<!-- bench/finetune.py: begin -->", "<!-- bench/finetune.py: end -->"
 V2_VOCAB = 20_275  # Geneformer V2 token dictionary size (4 specials + genes)
 CLS_ID, EOS_ID, FIRST_GENE_ID = 2, 3, 4
 DRY = {"preset": "tiny", "length": 64, "batch_size": 4, "steps": 3, "warmup": 1}
@@ -176,19 +183,7 @@ def update_results_md(doc: dict[str, Any]) -> Path:
               "`results/finetune.json`.", "",
               "| date | GPU | preset | cells x tokens | full cells/s | QLoRA cells/s | full peak GB | "
               "QLoRA peak GB | command |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    text = RESULTS_MD.read_text() if RESULTS_MD.is_file() else "# Benchmark results\n"
-    if MD_BEGIN in text and MD_END in text:
-        before, rest = text.split(MD_BEGIN, 1)
-        section, after = rest.split(MD_END, 1)
-        rows = [
-            ln
-            for ln in section.splitlines()
-            if ln.startswith("| 2") and ln.split("|")[2].strip() != gpu
-        ]
-    else:
-        before, after, rows = text.rstrip("\n") + "\n\n", "\n", []
-    RESULTS_MD.write_text(before + "\n".join([MD_BEGIN, *header, *rows, row, MD_END]) + after)
-    return RESULTS_MD
+    return update_results_section("finetune", header, row=row, device=gpu)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

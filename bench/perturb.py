@@ -47,11 +47,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from _common import BENCH_DIR, OUT_DIR, command_line, device_string, format_table, write_results
+from _common import (
+    BENCH_DIR,
+    OUT_DIR,
+    command_line,
+    device_string,
+    format_table,
+    update_results_section,
+    write_results,
+)
 from pretrain import gpu_device_string, load_platform
 
-RESULTS_MD = BENCH_DIR / "RESULTS.md"
-MD_BEGIN, MD_END = "<!-- bench/perturb.py: begin -->", "<!-- bench/perturb.py: end -->"
 SCREEN_PASSES = 30_000 * 4_097  # the paper's genome-wide deletion screen: 122,910,000
 SPECIALS = {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3}
 HEAVY_MODULES = ("ray", "deepspeed", "polars")
@@ -256,19 +262,7 @@ def update_results_md(doc: dict[str, Any], preset: str) -> None:
         "| date | GPU | cells/s | baseline cells/s | speedup | screen GPU-days | max cos diff | compiled | command |",
         "|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
-    text = RESULTS_MD.read_text() if RESULTS_MD.is_file() else "# Benchmark results\n"
-    rows: list[str] = []
-    if MD_BEGIN in text and MD_END in text:
-        before, rest = text.split(MD_BEGIN, 1)
-        section, after = rest.split(MD_END, 1)
-        rows = [
-            ln
-            for ln in section.splitlines()
-            if ln.startswith("| 2") and ln.split("|")[2].strip() != gpu
-        ]
-    else:
-        before, after = text.rstrip("\n") + "\n\n", "\n"
-    RESULTS_MD.write_text(before + "\n".join([MD_BEGIN, *header, *rows, row, MD_END]) + after)
+    return update_results_section("perturb", header, row=row, device=gpu)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -68,14 +68,13 @@ from _common import (
     command_line,
     device_string,
     format_table,
+    update_results_section,
     write_results,
 )
 
 SOURCE = "data/h5ad/pbmc_facs_zheng2017_3874cells.h5ad"
 DICTIONARIES = "geneformer/v2"
 LENGTHS_CACHE = OUT_DIR / "pretrain_lengths.json"
-RESULTS_MD = BENCH_DIR / "RESULTS.md"
-MD_BEGIN, MD_END = "<!-- bench/pretrain.py: begin -->", "<!-- bench/pretrain.py: end -->"
 DEFAULT_PRESETS = ("gf-104m", "gf-316m")
 DEFAULT_BASELINE = "gf-316m"
 V2_MAX_LENGTH = 4096
@@ -670,18 +669,7 @@ def update_results_md(doc: dict[str, Any]) -> Path:
         "speedup | tokens/batch | compiled | command |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    text = RESULTS_MD.read_text() if RESULTS_MD.is_file() else "# Benchmark results\n"
-    rows: list[str] = []
-    if MD_BEGIN in text and MD_END in text:
-        before, rest = text.split(MD_BEGIN, 1)
-        section, after = rest.split(MD_END, 1)
-        rows = [ln for ln in section.splitlines() if ln.startswith("| 2")]
-        rows = [r for r in rows if r.split("|")[2].strip() != gpu]
-    else:
-        before, after = text.rstrip("\n") + "\n\n", "\n"
-    body = "\n".join([MD_BEGIN, *header, *rows, row, MD_END])
-    RESULTS_MD.write_text(before + body + after)
-    return RESULTS_MD
+    return update_results_section("pretrain", header, row=row, device=gpu)
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,10 +30,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 import cellfoundry.runtime  # noqa: F401  (first: loopback-only Ray)
-from _common import OUT_DIR, RESULTS_DIR, command_line, device_string, format_table, write_results
-
-RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
-MD_BEGIN, MD_END = "<!-- bench/serve.py: begin -->", "<!-- bench/serve.py: end -->"
+from _common import (
+    OUT_DIR,
+    RESULTS_DIR,
+    command_line,
+    device_string,
+    format_table,
+    update_results_section,
+    write_results,
+)
 
 
 def build_model(preset: str, out: Path) -> Path:
@@ -138,7 +143,6 @@ def update_results_md(doc: dict[str, Any]) -> Path:
     keys = {k.rsplit(".", 1)[0] for k in m if k.endswith(".p50_ms")}
     rows = sorted(keys, key=lambda k: (k.rsplit(".c", 1)[0], int(k.rsplit(".c", 1)[1])))
     lines = [
-        MD_BEGIN,
         "## Stage 5: serving (`bench/serve.py`)",
         "",
         f"`{doc['command']}` on `{doc['device']}`, {doc['date']}. `/embed` with real pbmc_facs "
@@ -154,14 +158,7 @@ def update_results_md(doc: dict[str, Any]) -> Path:
         lines.append(
             f"| {setting} | {conc} | {m[key + '.p50_ms']} | {m[key + '.p99_ms']} | {m[key + '.requests_per_s']} |"
         )
-    text = RESULTS_MD.read_text() if RESULTS_MD.is_file() else "# Benchmark results\n"
-    if MD_BEGIN in text and MD_END in text:
-        before, rest = text.split(MD_BEGIN, 1)
-        after = rest.split(MD_END, 1)[1]
-    else:
-        before, after = text.rstrip("\n") + "\n\n", "\n"
-    RESULTS_MD.write_text(before + "\n".join([*lines, MD_END]) + after)
-    return RESULTS_MD
+    return update_results_section("serve", lines)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
