@@ -8,6 +8,8 @@ must reproduce the reference's per-step loss; ZeRO-1 and ZeRO-3 reproduce its fi
 from __future__ import annotations
 
 import json
+import secrets
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +18,26 @@ import torch
 import transformers
 
 from cellfoundry.config import PretrainJobConfig, parse_config
+from cellfoundry.integrity import KEY_ENV, KEY_FILE_ENV
 from cellfoundry.model import load_model
 from cellfoundry.train import FAIL_ONCE_ENV, PretrainResult, run_pretrain
+from cellfoundry.train.checkpoint import verify_training_state
 from cellfoundry.train.metrics import read_rows
 
 STEPS, CHECKPOINT_EVERY = 30, 10
+
+
+@pytest.fixture(scope="module", autouse=True)
+def checkpoint_key_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The checkpoint key in a temp file rather than ~/.config: the trainer hands
+    CELLFOUNDRY_CHECKPOINT_KEY_FILE on to the workers (the key itself it never forwards)."""
+    path = tmp_path_factory.mktemp("key") / "checkpoint.key"
+    path.write_text(secrets.token_hex(32) + "\n")
+    path.chmod(0o600)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv(KEY_ENV, raising=False)
+        mp.setenv(KEY_FILE_ENV, str(path))
+        yield path
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +134,7 @@ def test_smoke_run_learns_and_checkpoint_loads(
         "loss_curve.png",
     } <= {p.name for p in model_dir.iterdir()}
     hf_matches_deepspeed_state(model_dir, model_dir / "training_state")
+    assert verify_training_state(model_dir / "training_state") == f"step_{STEPS:08d}"
     ours = load_model(model_dir).eval()
     assert ours.config.vocab_size == 20275 and ours.config.hidden_size == 64
     assert list((result.log_dir / "tensorboard").glob("events.out.tfevents.*"))
@@ -167,6 +185,10 @@ def test_zero_stages_match_zero2(
     hf_matches_deepspeed_state(checkpoint / "hf", checkpoint / "ds")
     shards = {p.name for p in (checkpoint / "ds" / "step_00000004").iterdir()}
     assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= shards
+    # each rank signed the files it wrote; together they cover the merged checkpoint
+    manifests = {p.name for p in (checkpoint / "ds").glob("cellfoundry.hmac.rank*.json")}
+    assert manifests == {"cellfoundry.hmac.rank0.json", "cellfoundry.hmac.rank1.json"}
+    assert verify_training_state(checkpoint / "ds") == "step_00000004"
     if stage == 3:  # parameters are sharded too
         assert {f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in (0, 1)} <= shards
 

@@ -5,6 +5,9 @@ optionally, ``cellfoundry.json`` (caller's metadata, e.g. preset, step, corpus).
 ``transformers.BertForMaskedLM.from_pretrained(directory)`` loads it. :func:`load_model`
 also loads released Geneformer directories: ``BertForMaskedLM`` or ``BertForPreTraining``
 weights (the pooler and next-sentence head are dropped), safetensors or ``pytorch_model.bin``.
+
+We write safetensors only; a released ``pytorch_model.bin`` is read with
+``torch.load(weights_only=True)``, which refuses any pickle that needs a class or function.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 import warnings
@@ -22,6 +26,7 @@ import torch
 import transformers
 
 from cellfoundry.genes.vocab import load_token_dictionary, save_token_dictionary
+from cellfoundry.integrity import refused_pickle_reason
 from cellfoundry.model.build import ATTN_IMPLEMENTATION
 
 logger = logging.getLogger(__name__)
@@ -110,7 +115,8 @@ def load_model(
 
     ``dtype`` defaults to float32 whatever the stored dtype. An encoder-only checkpoint loads
     with a freshly initialised MLM head and a ``UserWarning``; missing encoder weights or a
-    non-BERT config raise :class:`CheckpointError`.
+    non-BERT config raise :class:`CheckpointError`, as does a ``pytorch_model.bin`` that
+    holds more than tensors (read with ``weights_only=True``: nothing in it runs).
     """
     directory = Path(directory)
     config_path = directory / "config.json"
@@ -124,12 +130,21 @@ def load_model(
         raise CheckpointError(
             f"{config_path}: model_type is {model_type!r}; only 'bert' is supported"
         )
-    model, info = transformers.BertForMaskedLM.from_pretrained(
-        directory,
-        dtype=dtype or torch.float32,
-        attn_implementation=ATTN_IMPLEMENTATION,
-        output_loading_info=True,
-    )
+    try:
+        model, info = transformers.BertForMaskedLM.from_pretrained(
+            directory,
+            dtype=dtype or torch.float32,
+            attn_implementation=ATTN_IMPLEMENTATION,
+            output_loading_info=True,
+            weights_only=True,  # the default; explicit because a .bin is a pickle
+        )
+    except pickle.UnpicklingError as exc:
+        names = sorted(p.name for p in directory.glob("pytorch_model*.bin"))
+        raise CheckpointError(
+            f"refusing to load {directory}: {', '.join(names) or 'its weights'} holds more than "
+            f"tensors ({refused_pickle_reason(exc)}) and could run code when unpickled; use "
+            "weights from a source you trust, preferably model.safetensors"
+        ) from exc
     missing = sorted(info["missing_keys"])
     unexpected = sorted(
         k

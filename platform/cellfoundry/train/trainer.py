@@ -12,6 +12,7 @@ from typing import Any
 from cellfoundry import artifacts, runtime
 from cellfoundry.config.loader import config_to_dict
 from cellfoundry.config.train import PretrainJobConfig
+from cellfoundry.integrity import KEY_ENV
 from cellfoundry.model import count_parameters
 from cellfoundry.train.checkpoint import DS_DIR, HF_DIR, STATE_FILE
 from cellfoundry.train.loop import train_loop_per_worker
@@ -23,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 #: Driver environment variables handed on to the training workers.
 FORWARDED_ENV_PREFIXES = ("CELLFOUNDRY_", "MLFLOW_")
+#: Never forwarded: Ray records the workers' runtime env in its run state (dashboard, state
+#: API). Workers read the checkpoint key from their own environment or key file.
+SECRET_ENV = (KEY_ENV,)
 
 
 @dataclass
@@ -144,7 +148,11 @@ def _fit(cfg: PretrainJobConfig) -> Any:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k.startswith(FORWARDED_ENV_PREFIXES) and k not in SECRET_ENV
+    }
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": config_to_dict(cfg)},

@@ -66,6 +66,7 @@ def _from_pretrained(
         "label2id": {n: i for i, n in enumerate(label_names)},
         "attn_implementation": ATTN_IMPLEMENTATION,
         "dtype": torch.float32,
+        "weights_only": True,  # transformers' default; explicit as a pytorch_model.bin is a pickle
     }
     if dropout is not None:
         kwargs.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
@@ -184,6 +185,7 @@ def load_finetuned(
         quant = bnb_config(q, on_gpu=on_gpu, eight_bit=True) if load_in_8bit else None
         model = _head_class(task).from_pretrained(
             directory / MODEL_DIR, attn_implementation=ATTN_IMPLEMENTATION, dtype=torch.float32,
+            weights_only=True,
             **({"quantization_config": quant, "device_map": {"": 0} if on_gpu else {"": "cpu"}} if quant else {}),
         )  # fmt: skip
         return model.eval()

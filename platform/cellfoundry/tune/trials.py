@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import signal
 import threading
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 from ray.tune import Callback
 
+from cellfoundry.integrity import refused_pickle_reason
 from cellfoundry.tune.loop import TrainState
 
 logger = logging.getLogger(__name__)
@@ -42,15 +44,35 @@ def search_space(space: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
 
 
 def save_trial_state(model: torch.nn.Module, state: TrainState, path: Path) -> None:
-    """The trainable weights (all of them, or LoRA + head for QLoRA), optimizer, scheduler, epoch."""
+    """The trainable weights (all of them, or LoRA + head for QLoRA), optimizer, scheduler, epoch.
+
+    Only tensors, numbers, strings and plain containers: :func:`load_trial_state` reads the
+    file with ``torch.load(weights_only=True)``, which refuses anything else.
+    """
     weights = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
     torch.save({"weights": weights, "epoch": state.epoch, "step": state.step,
                 "optimizer": state.optimizer, "scheduler": state.scheduler}, path)  # fmt: skip
 
 
 def load_trial_state(model: torch.nn.Module, path: Path) -> TrainState:
-    """Load what :func:`save_trial_state` wrote into ``model``; returns the training state."""
-    data = torch.load(path, map_location="cpu", weights_only=False)
+    """Load what :func:`save_trial_state` wrote into ``model``; returns the training state.
+
+    The file is read with ``torch.load(weights_only=True)``: a file that needs any class or
+    function to unpickle (e.g. one planted in the run storage) raises a ``ValueError``
+    naming it, and nothing in it runs.
+    """
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(
+            f"refusing to load the trial state {path}: it holds more than tensors and plain "
+            f"values ({refused_pickle_reason(exc)}), so cellfoundry did not write it and "
+            "unpickling it could run code; delete it and resume the trial from an earlier "
+            "checkpoint"
+        ) from exc
+    keys = ("weights", "epoch", "step", "optimizer", "scheduler")
+    if not isinstance(data, dict) or any(k not in data for k in keys):
+        raise ValueError(f"{path} is not a trial state written by save_trial_state")
     params = dict(model.named_parameters())
     missing = [n for n in data["weights"] if n not in params]
     if missing:

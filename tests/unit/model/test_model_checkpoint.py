@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,33 @@ def test_released_bin_weights_load(tmp_path: Path, config) -> None:
     config.to_json_file(tmp_path / "old" / "config.json")
     torch.save(model.state_dict(), tmp_path / "old" / "pytorch_model.bin")
     assert torch.equal(logits(load_model(tmp_path / "old")), logits(model))
+
+
+class _Exploit:
+    """Runs a shell command when unpickled by an unrestricted unpickler."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_planted_bin_weights_are_refused_and_never_run(tmp_path: Path, config) -> None:
+    """A pytorch_model.bin is a pickle: read with weights_only=True, a payload never runs."""
+    marker = tmp_path / "pwned"
+    (tmp_path / "evil").mkdir()
+    config.to_json_file(tmp_path / "evil" / "config.json")
+    state = {**build_model(config, seed=4).state_dict(), "cls.extra": _Exploit(marker)}
+    torch.save(state, tmp_path / "evil" / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin holds more than tensors"):
+        load_model(tmp_path / "evil")
+    assert not marker.exists()
+
+
+def test_our_checkpoints_hold_no_pickles(tmp_path: Path, config) -> None:
+    out = save_checkpoint(build_model(config, seed=0), tmp_path / "ckpt", token_dictionary=VOCAB)
+    assert sorted(p.suffix for p in out.iterdir()) == [".json", ".json", ".safetensors"]
 
 
 def test_encoder_only_checkpoint_warns_about_the_head(tmp_path: Path, config) -> None:
