@@ -103,7 +103,7 @@ def _tokenize(args: argparse.Namespace) -> int:
     manifest = tokenize_files(
         args.inputs, dictionaries=args.dictionaries, mode=args.mode, output=args.output,
         model_input_size=args.model_input_size, rows_per_chunk=args.rows_per_chunk,
-        gene_table=args.gene_table,
+        gene_table=args.gene_table, recompute_n_counts=args.recompute_n_counts,
     )  # fmt: skip
     failed = manifest["counts"]["quarantined"]
     print(
@@ -224,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rows-per-chunk", type=int, default=4096)
     p.add_argument("--gene-table", default=None, help="gene table for symbol lookup")
+    p.add_argument(
+        "--recompute-n-counts",
+        action="store_true",
+        help="where obs['n_counts'] is zero, negative or not finite, use the cell's total raw "
+        "count (default: such a file fails)",
+    )
     p.add_argument("--address", default=None, help="Ray cluster address (default: local)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local cluster")
     p.set_defaults(func=_tokenize)

@@ -42,7 +42,7 @@ def config(catalog: Path, out: Path) -> CorpusConfig:
 
 @pytest.fixture
 def inputs(tmp_path: Path, pbmc3k: ad.AnnData) -> dict[str, Path]:
-    """Good files in four formats and five kinds of bad input."""
+    """Good files in four formats and seven kinds of bad input."""
     d = tmp_path / "in"
     d.mkdir()
     files: dict[str, Path] = {}
@@ -74,6 +74,12 @@ def inputs(tmp_path: Path, pbmc3k: ad.AnnData) -> dict[str, Path]:
     subset(pbmc3k, 0, 0).write_h5ad(files["empty"])
     files["missing_column"] = d / "nometa.h5ad"
     subset(pbmc3k, 1100, 100).write_h5ad(files["missing_column"])
+    csc = subset(pbmc3k, 1200, 100)
+    csc.X = sp.csc_matrix(csc.X)
+    files["csc"] = d / "csc.h5ad"  # readable, but cells cannot be read in row chunks
+    csc.write_h5ad(files["csc"])
+    files["wrong_matrix"] = d / "nolayer.h5ad"  # the catalog names a layer it does not have
+    subset(pbmc3k, 1300, 100).write_h5ad(files["wrong_matrix"])
     return files
 
 
@@ -83,17 +89,23 @@ def test_bad_inputs_are_quarantined_then_fixed(
     rows = [{"id": k, "uri": str(v), "organ": "blood"} for k, v in inputs.items()]
     rows[0]["metadata"] = {"cell_type": "cell_type"}
     next(r for r in rows if r["id"] == "missing_column")["metadata"] = {"cell_type": "not_a_column"}
+    next(r for r in rows if r["id"] == "wrong_matrix")["matrix"] = "layers/counts"
     catalog = write_catalog(tmp_path, rows)
     out = tmp_path / "out"
     result = run_corpus(config(catalog, out))
     c = result.counts
     q = c["quarantined"]
-    assert set(q) == {"corrupt", "non_integer", "no_gene_ids", "empty", "missing_column"}
+    assert set(q) == {
+        "corrupt", "non_integer", "no_gene_ids", "empty", "missing_column", "csc", "wrong_matrix"
+    }  # fmt: skip
     assert "not_a_column" in q["missing_column"]["reason"]
     assert "raw" in q["non_integer"]["reason"] or "integer" in q["non_integer"]["reason"]
     assert q["non_integer"]["n_cells"] == 100 and q["missing_column"]["n_cells"] == 100
+    # Readable files count their cells even when their matrix cannot be used.
+    assert q["csc"]["n_cells"] == 100 and q["wrong_matrix"]["n_cells"] == 100
+    assert "np.str_" not in q["non_integer"]["reason"]
     good = 300 + 200 + 200 + 200
-    assert c["cells_in"] == good + 100 + 100 + 100  # corrupt and empty hold no countable cells
+    assert c["cells_in"] == good + 5 * 100  # corrupt and empty hold no countable cells
     assert c["cells_in"] == c["passed"] + sum(c["filtered"].values()) + c["duplicates"] + sum(
         v["n_cells"] for v in q.values()
     )

@@ -19,7 +19,8 @@ from cellfoundry.genes import GeneTable
 def plain_tokens(
     path: Path, dg: DictionaryGenes, table: GeneTable, mode: str
 ) -> tuple[list[str], list[list[int]]]:
-    """Rank value encoding written plainly, one cell at a time (DESIGN.md)."""
+    """Rank value encoding written plainly, one cell at a time (DESIGN.md); cells with no
+    vocabulary gene are left out (tokenize drops and counts them)."""
     adata = ad.read_h5ad(path)
     if "ensembl_id" in adata.var:
         col_map, _ = dg.column_map(list(adata.var["ensembl_id"].astype(str)), "ensembl", table)
@@ -32,7 +33,7 @@ def plain_tokens(
         else np.asarray(X.sum(axis=1)).ravel()
     )
     enc = dg.encoder
-    cells = []
+    ids, cells = [], []
     for i in range(X.shape[0]):
         row = X.getrow(i)
         summed: dict[int, float] = defaultdict(float)
@@ -46,8 +47,10 @@ def plain_tokens(
             if c > 0
         )
         tokens = [t for _, t in ranked][: enc.max_genes]
-        cells.append([2, *tokens, 3] if mode == "v2" else tokens)
-    return list(adata.obs_names), cells
+        if tokens:
+            ids.append(str(adata.obs_names[i]))
+            cells.append([2, *tokens, 3] if mode == "v2" else tokens)
+    return ids, cells
 
 
 @pytest.mark.parametrize("mode", ["v2", "v1"])
@@ -76,6 +79,8 @@ def test_real_files_match_plain_encoding(
         limit = 4096 if mode == "v2" else 2048
         assert max(len(c) for c in cells) <= limit
     assert offset == got.height == manifest["counts"]["cells"]
+    counts = manifest["counts"]
+    assert counts["cells_in"] == got.height + sum(counts["filtered"].values())  # reconciles
 
 
 def test_v1_dictionaries_with_v2_mode_is_a_clear_error(
@@ -93,3 +98,61 @@ def test_v1_dictionaries_with_v2_mode_is_a_clear_error(
     assert main(["tokenize", *argv]) == 2  # a ValueError, reported in one line
     with pytest.raises(ValueError, match="v1 dictionaries but --mode is v2"):
         DictionaryGenes.load(geneformer_dir / "v1", "v2")
+
+
+def test_bad_n_counts_is_an_error_or_recomputed(
+    ray_local: None, real_h5ad: list[Path], geneformer_dir: Path, tmp_path: Path
+) -> None:
+    """obs["n_counts"] of 0 / NaN / negative / inf once mis-ranked cells silently; now the file
+    fails with a message naming it, the field, the cells and the fix, and the flag recomputes.
+    Cells with no vocabulary gene are dropped and counted instead of becoming <cls><eos>."""
+    path = next(p for p in real_h5ad if p.name.startswith("pbmc_facs"))
+    adata = ad.read_h5ad(path)[:300].copy()
+    col_map, _ = DictionaryGenes.load(geneformer_dir / "v2", "v2").column_map(
+        list(adata.var["ensembl_id"].astype(str)), "ensembl", None
+    )
+    x = adata.X.tolil()
+    x[10, :] = 0
+    x[10, np.flatnonzero(col_map < 0)[:2]] = 5  # counts outside the vocabulary only
+    x[11, :] = 0  # no counts at all
+    adata.X = x.tocsr()
+    plain, bad = tmp_path / "plain.h5ad", tmp_path / "bad.h5ad"
+    adata.write_h5ad(plain)
+    n_counts = np.asarray(adata.X.sum(axis=1), dtype=np.float64).ravel()  # as the file's own
+    n_counts[[3, 100, 200, 250]] = [0.0, np.nan, -5.0, np.inf]  # cell 11's 0 is right
+    adata.obs["n_counts"] = n_counts
+    adata.write_h5ad(bad)
+    normalised = tmp_path / "normalised.h5ad"
+    adata.X = adata.X.astype(np.float32) * 0.5
+    adata.write_h5ad(normalised)
+
+    def tokenize(out: Path, *files: Path, flags: tuple[str, ...] = ()) -> tuple[int, dict]:
+        argv = [*map(str, files), "--dictionaries", str(geneformer_dir / "v2"), "--mode", "v2",
+                "--output", str(out), "--rows-per-chunk", "128", *flags]  # fmt: skip
+        code = main(["tokenize", *argv])
+        return code, json.loads((out / "manifest.json").read_text())
+
+    code, m = tokenize(tmp_path / "t1", bad, plain, normalised)
+    assert code == 1
+    q = m["counts"]["quarantined"]
+    assert set(q) == {str(bad), str(normalised)}
+    assert q[str(bad)].startswith(f"{bad}: obs/n_counts: ")
+    assert "for 4 of its 300 cells" in q[str(bad)] and "--recompute-n-counts" in q[str(bad)]
+    # Messages fit tokenize (no catalog of its own) and quote cells as plain text.
+    assert "point the catalog" not in q[str(normalised)] and "tokenize" in q[str(normalised)]
+    assert "np.str_" not in q[str(normalised)] and "in cell '" in q[str(normalised)]
+    assert not list((tmp_path / "t1").glob("part-00000-*.parquet"))  # nothing of the bad file
+    assert m["counts"]["cells_in"] == 300 and m["counts"]["cells"] == 298
+    assert m["counts"]["filtered"] == {"no_vocabulary_genes": 2}
+    assert m["files"][str(plain)]["filtered"] == {"no_vocabulary_genes": 2}
+    want = pl.read_parquet(sorted((tmp_path / "t1").glob("part-*.parquet")))
+    assert str(adata.obs_names[10]) not in want["cell_id"].to_list()
+    assert want["length"].min() > 2  # no <cls><eos> rows
+
+    code, m = tokenize(tmp_path / "t2", bad, flags=("--recompute-n-counts",))
+    assert code == 0 and m["counts"]["quarantined"] == {}
+    assert m["counts"]["n_counts_recomputed"] == 4 and m["config"]["recompute_n_counts"] is True
+    assert m["counts"]["filtered"] == {"no_vocabulary_genes": 2}
+    got = pl.read_parquet(sorted((tmp_path / "t2").glob("part-*.parquet")))
+    assert got["cell_id"].to_list() == want["cell_id"].to_list()
+    assert got["input_ids"].to_list() == want["input_ids"].to_list()

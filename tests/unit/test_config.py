@@ -71,3 +71,14 @@ def test_exponent_without_dot_is_a_number() -> None:
     assert cfg.corpus.qc.n_sd == 2.5
     with pytest.raises(ValueError, match="expected a number"):
         parse_config(CorpusJobConfig, BASE, ["corpus.qc.n_sd=abc"])
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("corpus:\n  catalog: c.yaml\n  output_dir: [out\n  qc: {n_sd: 3}\n")
+    with pytest.raises(ConfigError, match=rf"{path}, line 4, column 5: not valid YAML") as err:
+        load_config(CorpusJobConfig, path)
+    assert "line 3" in str(err.value)  # where the unclosed '[' starts
+    path.write_text("corpus:\n\tcatalog: c.yaml\n")
+    with pytest.raises(ConfigError, match=rf"{path}, line 2, column 1: .*'\\t'"):
+        load_config(CorpusJobConfig, path)

@@ -136,13 +136,39 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
 
 
 def parse_config(
-    cls: type[T], data: dict[str, Any] | None, overrides: typing.Sequence[str] = ()
+    cls: type[T],
+    data: dict[str, Any] | None,
+    overrides: typing.Sequence[str] = (),
+    *,
+    where: str = "",
 ) -> T:
-    """Build ``cls`` from a plain mapping plus ``KEY=VALUE`` dotted overrides."""
+    """Build ``cls`` from a plain mapping plus ``KEY=VALUE`` dotted overrides.
+
+    ``where`` prefixes the key paths in error messages (e.g. ``catalog c.yaml: dataset 'a'``).
+    """
     data = copy.deepcopy(dict(data or {}))
     for override in overrides:
         _apply_override(data, override)
-    return _build(cls, data, "")
+    return _build(cls, data, where)
+
+
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
+    """The parsed YAML document of ``path``; a syntax error names the file, line and column."""
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and start is not None and start is not mark:
+            context += f" that starts at line {start.line + 1}, column {start.column + 1}"
+        detail = f"{problem} ({context})" if context else problem
+        raise ConfigError(
+            f"{what} {where}: not valid YAML: {detail}; fix the syntax there (indentation, "
+            "a ': ' after each key, quotes around values holding ': ' or ' #')"
+        ) from None
 
 
 def load_config(cls: type[T], path: str | Path | None, overrides: typing.Sequence[str] = ()) -> T:
@@ -152,10 +178,7 @@ def load_config(cls: type[T], path: str | Path | None, overrides: typing.Sequenc
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; pass an existing YAML file")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        loaded = read_yaml(path)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: the top level must be a mapping")
         data = loaded or {}

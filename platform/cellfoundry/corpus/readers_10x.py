@@ -63,7 +63,12 @@ class TenxH5Reader:
                     if genomes
                     else "has neither a /matrix group (Cell Ranger v3) nor /<genome> groups (v2)"
                 )
-                fix = "set matrix: to one genome" if genomes else "point it at a Cell Ranger .h5"
+                fix = (
+                    "set matrix: to one genome in the corpus catalog (tokenize reads "
+                    "single-genome files)"
+                    if genomes
+                    else "point it at a Cell Ranger .h5"
+                )
                 raise SourceError(uri, "matrix", problem, fix)
             self._g = h5[matrix]
             self._genes = {k: self._g[k] for k in ("genes", "gene_names") if k in self._g}

@@ -17,8 +17,8 @@ import scipy.sparse as sp
 logger = logging.getLogger(__name__)
 
 RAW_COUNTS_FIX = (
-    "point the catalog at raw counts, e.g. matrix: raw/X or matrix: layers/counts "
-    "(or the loom layer holding them)"
+    "use the raw counts: in a corpus catalog set matrix: raw/X or matrix: layers/counts "
+    "(or the loom layer holding them); for tokenize, write a file whose X holds them"
 )
 _NAME_FIXES: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()  # per process
 
@@ -105,7 +105,7 @@ def as_counts(
     for bad, what in checks:
         if bad.any():
             k = int(np.argmax(bad))
-            cell = names[int(np.searchsorted(indptr, k, side="right")) - 1]
+            cell = str(names[int(np.searchsorted(indptr, k, side="right")) - 1])  # not np.str_
             raise SourceError(
                 uri,
                 field,

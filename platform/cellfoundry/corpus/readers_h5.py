@@ -26,7 +26,7 @@ def open_h5(
     """The open HDF5 file and its (size, mtime) version; by path when local, else file object."""
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
-        raise SourceError(uri, "uri", "file not found", "check the path in the catalog")
+        raise SourceError(uri, "uri", "file not found", "check the path")
     if info.type != pafs.FileType.File:
         raise SourceError(
             uri, "uri", f"is not a file ({info.type.name})", f"point it at a {fmt} file"
@@ -93,6 +93,27 @@ def _dense_rows(
     return indptr, np.concatenate(indices), np.concatenate(data)
 
 
+def header_cells(h5: h5py.File, fmt: str) -> int | None:
+    """Cells of an HDF5 source from its header alone, whatever its matrix (None: unknown).
+
+    h5ad: the obs names; loom: the columns of ``/matrix``; 10x: the barcodes (v3, or the
+    single v2 genome). Lets a file that is readable but quarantined count its cells.
+    """
+    if fmt == "h5ad":
+        obs = h5.get("obs")
+        if isinstance(obs, h5py.Group) and "_index" in obs.attrs:
+            names = obs.get(_attr_str(obs.attrs["_index"]))
+            return len(names) if isinstance(names, h5py.Dataset) else None
+        return None
+    if fmt == "loom":
+        m = h5.get("matrix")
+        return int(m.shape[1]) if isinstance(m, h5py.Dataset) and m.ndim == 2 else None
+    groups = [h5["matrix"]] if isinstance(h5.get("matrix"), h5py.Group) else []
+    groups = groups or [g for g in h5.values() if isinstance(g, h5py.Group) and "barcodes" in g]
+    sizes = {len(g["barcodes"]) for g in groups if isinstance(g.get("barcodes"), h5py.Dataset)}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
 class H5adReader:
     """An anndata file: ``matrix`` is ``X``, ``raw/X`` or ``layers/<name>`` (CSR or dense)."""
 
@@ -116,7 +137,8 @@ class H5adReader:
                 uri,
                 "matrix",
                 f"{matrix!r} is not in the file (available: {available})",
-                "set matrix: to one of them",
+                "set matrix: to one of them in the corpus catalog (tokenize reads X: "
+                "write a file whose X holds the raw counts)",
             )
         self._x = h5[matrix]
         var = h5["raw/var"] if matrix == "raw/X" else h5["var"]
@@ -214,7 +236,7 @@ class LoomReader:
                 uri,
                 "matrix",
                 f"{matrix!r} is not in the file (available: {available if 'matrix' in h5 else []})",
-                "set matrix: to X (the loom /matrix) or layers/<name>",
+                "set matrix: to X (the loom /matrix) or layers/<name> in the corpus catalog",
             )
         self._m = h5["matrix"] if matrix == "X" else h5[matrix]
         self.n_genes, self.n_cells = (int(v) for v in self._m.shape)
@@ -234,7 +256,8 @@ class LoomReader:
                     self.uri,
                     "gene_id_column",
                     f"no ensembl_id, Accession or Gene row attribute (available: {available})",
-                    "set gene_id_column to the row attribute holding gene IDs or symbols",
+                    "set gene_id_column in the corpus catalog to the row attribute holding "
+                    "gene IDs or symbols (tokenize reads ensembl_id, Accession or Gene)",
                 )
         elif column not in available:
             raise SourceError(

@@ -35,6 +35,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -103,7 +104,9 @@ class Chunk:
     indices: np.ndarray  # int32 [nnz], gene column in the file (SourceInfo.gene_names)
     data: np.ndarray  # int64 [nnz], raw counts
     obs: dict[str, np.ndarray]  # requested obs columns, str [n] ("" where missing)
-    n_counts_obs: np.ndarray | None  # float64 [n], obs["n_counts"] when the file has it
+    n_counts_obs: (
+        np.ndarray | None
+    )  # float64 [n], obs["n_counts"] if present (NaN: missing or text)
 
     @property
     def n_cells(self) -> int:
@@ -137,7 +140,7 @@ def detect_format(uri: str) -> str:
     path = path.rstrip("/")
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
-        raise SourceError(uri, "uri", "no such file or directory", "check the path in the catalog")
+        raise SourceError(uri, "uri", "no such file or directory", "check the path")
     if info.type == pafs.FileType.Directory:
         if any(fs.get_file_info(f"{path}/{n}").type == pafs.FileType.File for n in _MTX_NAMES):
             return "10x_mtx"
@@ -145,14 +148,15 @@ def detect_format(uri: str) -> str:
             uri,
             "format",
             "directory holds no matrix.mtx or matrix.mtx.gz",
-            "point the catalog at a 10x directory (matrix.mtx[.gz], features.tsv[.gz] "
+            "point it at a 10x directory (matrix.mtx[.gz], features.tsv[.gz] "
             "or genes.tsv, barcodes.tsv[.gz]) or at a single file",
         )
     raise SourceError(
         uri,
         "format",
         f"cannot tell the format from the extension {ext!r}",
-        f"rename it to .h5ad/.loom/.h5 or set format: to one of {list(FORMATS)}",
+        f"rename it to .h5ad/.loom/.h5 (or, in a corpus catalog, set format: to one of "
+        f"{list(FORMATS)})",
     )
 
 
@@ -211,12 +215,24 @@ def probe(
 def count_cells(uri: str, fmt: str | None = None, *, matrix: str = "X") -> int | None:
     """Number of cells from the header alone, or None when even that cannot be read.
 
-    Lets a quarantined dataset still count its cells, so the corpus counts reconcile.
+    Lets a quarantined dataset still count its cells, so the corpus counts reconcile: when
+    the file is readable but ``matrix`` cannot be used (not in the file, stored as CSC, an
+    unsupported encoding), the cells are counted from the obs names (h5ad), the matrix
+    shape (loom) or the barcodes (10x) instead.
     """
     try:
-        with _open(uri, _check_format(uri, fmt), matrix) as reader:
+        fmt = _check_format(uri, fmt)
+        with _open(uri, fmt, matrix) as reader:
             return int(reader.n_cells)
     except (SourceError, OSError, ValueError, KeyError):
+        pass
+    if fmt not in _HDF5_READERS:
+        return None
+    try:
+        fs, path = resolve(uri)
+        with readers_h5.open_h5(fs, path, uri, fmt) as (h5, _):
+            return readers_h5.header_cells(h5, fmt)
+    except (SourceError, OSError, ValueError, KeyError, TypeError):
         return None
 
 
@@ -267,7 +283,7 @@ def _open(uri: str, fmt: str, matrix: str) -> Iterator[Reader]:
                     uri,
                     matrix,
                     f"is empty ({reader.n_cells} cells x {reader.n_genes} genes)",
-                    "remove the dataset from the catalog",
+                    "remove it from the inputs (the corpus catalog or the tokenize file list)",
                 )
             yield reader
     except SourceError:
@@ -278,7 +294,7 @@ def _open(uri: str, fmt: str, matrix: str) -> Iterator[Reader]:
             "file",
             f"cannot be read as {fmt} ({type(e).__name__}: {e})",
             "the file may be corrupt or truncated, or not this format: "
-            "re-download or re-export it, or fix format:",
+            "re-download or re-export it (or fix format: in the corpus catalog)",
         ) from e
 
 
@@ -314,12 +330,13 @@ def _read(reader: Reader, start: int, stop: int, obs_columns: Sequence[str]) -> 
     n_counts = None
     if "n_counts" in reader.obs_columns:
         values, missing = reader.obs_column("n_counts", start, stop)
-        try:
-            n_counts = np.asarray(values, dtype=np.float64)
-        except (TypeError, ValueError) as e:
-            raise SourceError(
-                uri, "obs/n_counts", "is not numeric", "rename or drop the column in the file"
-            ) from e
+        values = np.asarray(values)
+        if values.dtype.kind in "biuf":
+            n_counts = values.astype(np.float64)
+        else:  # text (or objects): what does not parse as a number is NaN; callers judge
+            n_counts = pd.to_numeric(pd.Series(to_str(values)), errors="coerce").to_numpy(
+                np.float64
+            )
         if missing is not None:
             n_counts = np.where(missing, np.nan, n_counts)
     return Chunk(

@@ -5,7 +5,11 @@ reference tokenizer, IDs are upper-cased and collapsed through the dictionaries'
 ``ensembl_mapping_dict``; counts of genes that collapse to one ID are summed. Symbols are
 resolved by the mapping dictionary (which holds upper-cased symbols and aliases), then by
 ``gene_name_id_dict``, then by the offline gene table. ``n_counts`` is ``obs["n_counts"]``
-when present, else the cell's total raw count over all genes of its file.
+when present, else the cell's total raw count over all genes of its file. A present column
+that is zero, negative or not finite for a cell to tokenise fails that file (it would
+mis-rank the cell's genes), unless ``recompute_n_counts``: then such cells use their total
+raw count. Cells with no vocabulary gene are dropped and counted, as the corpus stage
+filters and counts cells.
 """
 
 from __future__ import annotations
@@ -98,43 +102,97 @@ class DictionaryGenes:
         return col_map, report
 
 
-class TokenizeChunks(PerItem):
-    """Ray Data UDF: one (file, cell range) in, one token shard out."""
+#: Why a cell is not tokenised (manifest ``counts["filtered"]``, as the corpus stage counts).
+NO_VOCABULARY_GENES = "no_vocabulary_genes"
+RECOMPUTE_FIX = (
+    "pass --recompute-n-counts (tokenize_files(recompute_n_counts=True)) to use those cells' "
+    "total raw count over all genes of the file instead, or fix or drop the column in the file"
+)
 
-    def __init__(self, plan: Any, encoder: Any) -> None:
+
+def check_n_counts(
+    n_counts: np.ndarray, totals: np.ndarray, tokenised: np.ndarray, recompute: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(n_counts to encode with, bad)``: ``bad`` marks the cells to tokenise whose
+    ``obs["n_counts"]`` is zero, negative, NaN or infinite; with ``recompute`` their
+    ``totals`` (total raw count over all genes of the file) replace those values.
+
+    All float64 / bool [n_cells]; ``tokenised`` marks the cells with a vocabulary gene.
+    """
+    bad = tokenised & ~(np.isfinite(n_counts) & (n_counts > 0))
+    return (np.where(bad, totals, n_counts) if recompute else n_counts), bad
+
+
+class TokenizeChunks(PerItem):
+    """Ray Data UDF: one (file, cell range) in, one token shard out.
+
+    Cells with no vocabulary gene are dropped and counted. Cells whose ``obs["n_counts"]``
+    cannot rank genes (zero, negative, NaN, infinite) make the chunk fail and are counted,
+    unless ``recompute_n_counts`` (then their total raw count is used, and counted).
+    """
+
+    def __init__(self, plan: Any, encoder: Any, recompute_n_counts: Any = False) -> None:
         self.plan: dict[str, Any] = resolve(plan)
         self.encoder: RankEncoder = resolve(encoder)
+        self.recompute: bool = bool(resolve(recompute_n_counts))
         self.max_length = self.encoder.max_genes + (2 if self.encoder.special else 0)
 
     def process(self, item: dict[str, Any]) -> dict[str, Any]:
         uri, start, stop = str(item["uri"]), int(item["start"]), int(item["stop"])
         p = self.plan[uri]
+        result: dict[str, Any] = {"uri": uri, "error": "", "rows": 0, "cells_in": stop - start,
+                                  NO_VOCABULARY_GENES: 0, "bad_n_counts": 0, "bad_example": ""}  # fmt: skip
         try:
             chunk = sources.read_chunk(uri, p["format"], start, stop)
         except (sources.SourceError, ValueError, OSError) as exc:
             # One bad file must not take down the others: report it, write nothing.
             logger.error("%s, cells %d-%d: %s", uri, start, stop, exc)
-            return {"uri": uri, "error": str(exc), "rows": 0}
-        n_counts = chunk.n_counts_obs
-        if n_counts is None:  # the cell's total raw count over all genes of its file
-            n_counts = row_sums(chunk.indptr, chunk.data.astype(np.float64))
+            return {**result, "error": str(exc)}
         ptr, idx, cnt = remap_csr(
             chunk.indptr, chunk.indices, chunk.data, p["col_map"], len(self.encoder.token_ids)
         )
-        offsets, tokens = self.encoder.encode(ptr, idx, cnt, n_counts)
+        tokenised = np.diff(ptr) > 0  # cells with a vocabulary gene (counts > 0)
+        totals = row_sums(chunk.indptr, chunk.data.astype(np.float64))
+        n_counts = totals  # no obs["n_counts"]: the cell's total raw count over all genes
+        if chunk.n_counts_obs is not None:
+            n_counts, bad = check_n_counts(chunk.n_counts_obs, totals, tokenised, self.recompute)
+            result["bad_n_counts"] = int(bad.sum())
+            if bad.any():
+                i = int(np.argmax(bad))
+                result["bad_example"] = f"cell {str(chunk.barcodes[i])!r}: {chunk.n_counts_obs[i]}"
+                if not self.recompute:
+                    return {**result, "error": f"{uri}: obs/n_counts: invalid for "
+                                               f"{result['bad_n_counts']} cells"}  # fmt: skip
+        result[NO_VOCABULARY_GENES] = int((~tokenised).sum())
+        # Dropped cells hold no entries, so only the row pointers change.
+        ptr = np.concatenate([[0], ptr[1:][tokenised]])
+        offsets, tokens = self.encoder.encode(ptr, idx, cnt, n_counts[tokenised])
         table = pa.table({
-            "cell_id": pa.array(chunk.barcodes.astype(str), pa.string()),
-            "source": pa.array([uri] * len(chunk.barcodes), pa.string()),
+            "cell_id": pa.array(chunk.barcodes[tokenised].astype(str), pa.string()),
+            "source": pa.array([uri] * int(tokenised.sum()), pa.string()),
             "input_ids": list_array(offsets, tokens, pa.int32()),
             "length": pa.array(np.diff(offsets), pa.int64()),
         })  # fmt: skip
         write_table_atomic(table, Path(item["out_dir"]) / part_name(p["index"], start))
         return {
-            "uri": uri,
-            "error": "",
+            **result,
             "rows": table.num_rows,
             "lengths": length_histogram(np.diff(offsets), self.max_length),
         }
+
+
+def _file_counts(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per input file: cells in, tokenised, dropped (no vocabulary gene), bad n_counts."""
+    files: dict[str, dict[str, Any]] = {}
+    for r in results:
+        f = files.setdefault(r["uri"], {"cells_in": 0, "cells": 0, NO_VOCABULARY_GENES: 0,
+                                        "bad_n_counts": 0, "bad_example": ""})  # fmt: skip
+        f["cells_in"] += r["cells_in"]
+        f["cells"] += r["rows"]
+        f[NO_VOCABULARY_GENES] += r[NO_VOCABULARY_GENES]
+        f["bad_n_counts"] += r["bad_n_counts"]
+        f["bad_example"] = f["bad_example"] or r["bad_example"]
+    return files
 
 
 def tokenize_files(
@@ -146,11 +204,17 @@ def tokenize_files(
     model_input_size: int | None = None,
     rows_per_chunk: int = 4096,
     gene_table: str | None = None,
+    recompute_n_counts: bool = False,
 ) -> dict[str, Any]:
     """Tokenise files into ``output/*.parquet`` (cell_id, source, input_ids, length) + manifest.
 
     Ray must be initialised. A file that cannot be read is skipped and reported in the
-    manifest's ``quarantined``; the others are written. Returns the manifest.
+    manifest's ``quarantined``; the others are written. So is a file whose
+    ``obs["n_counts"]`` is zero, negative, NaN or infinite for a cell to tokenise (it would
+    mis-rank the cell's genes), unless ``recompute_n_counts``: then those cells use their
+    total raw count, which is logged and counted (``counts["n_counts_recomputed"]``). Cells
+    with no vocabulary gene are dropped and counted (``counts["filtered"]``); over the files
+    written, ``cells_in = cells + sum(filtered)``. Returns the manifest.
     """
 
     from cellfoundry.runtime import configure_data_context
@@ -183,7 +247,8 @@ def tokenize_files(
         ]
     config = {"inputs": list(inputs), "signatures": [file_signature(u) for u in inputs],
               "dictionaries": str(Path(dictionaries).resolve()), "mode": mode,
-              "model_input_size": model_input_size, "gene_table": gene_table}  # fmt: skip
+              "model_input_size": model_input_size, "gene_table": gene_table,
+              "recompute_n_counts": recompute_n_counts}  # fmt: skip
     out = Path(output)
     fp = artifacts.fingerprint("tokenized", config, {})
     previous = artifacts.reusable(out, "tokenized", fp)
@@ -193,23 +258,61 @@ def tokenize_files(
     with artifacts.write_artifact(out, "tokenized", config) as w:
         for item in items:
             item["out_dir"] = str(w.dir)
-        results = run_per_item(items, TokenizeChunks, plan=plan, encoder=dg.encoder)
+        results = run_per_item(
+            items, TokenizeChunks, plan=plan, encoder=dg.encoder,
+            recompute_n_counts=recompute_n_counts,
+        )  # fmt: skip
+        files = _file_counts(results)
         for r in results:
-            if r["error"] and r["uri"] not in quarantined:
-                quarantined[r["uri"]] = r["error"]
+            uri = r["uri"]
+            if r["error"] and uri not in quarantined:
+                f = files[uri]
+                quarantined[uri] = r["error"]
+                if f["bad_n_counts"]:  # every chunk's bad cells, in one message
+                    quarantined[uri] = str(sources.SourceError(
+                        uri, "obs/n_counts",
+                        f"is zero, negative or not a finite number for {f['bad_n_counts']} of its "
+                        f"{f['cells_in']} cells (e.g. {f['bad_example']}), which would mis-rank "
+                        "their genes", RECOMPUTE_FIX,
+                    ))  # fmt: skip
+                logger.error("skipping %s: %s", uri, quarantined[uri])
                 # No half-tokenised file: drop the shards of a file that failed mid-way.
-                for shard in w.dir.glob(f"part-{plan[r['uri']]['index']:05d}-*.parquet"):
+                for shard in w.dir.glob(f"part-{plan[uri]['index']:05d}-*.parquet"):
                     shard.unlink()
+        written = {u: f for u, f in files.items() if u not in quarantined}
+        for uri, f in written.items():
+            if f["bad_n_counts"]:
+                logger.warning(
+                    "%s: obs['n_counts'] is zero, negative or not finite for %d of %d cells "
+                    "(e.g. %s); recomputed from their raw counts (--recompute-n-counts)",
+                    uri, f["bad_n_counts"], f["cells_in"], f["bad_example"],
+                )  # fmt: skip
+            if f[NO_VOCABULARY_GENES]:
+                logger.warning(
+                    "%s: %d of %d cells have no gene of the %s vocabulary; dropped",
+                    uri, f[NO_VOCABULARY_GENES], f["cells_in"], mode,
+                )  # fmt: skip
         good = [r["lengths"] for r in results if not r["error"] and r["uri"] not in quarantined]
         max_length = dg.encoder.max_genes + (2 if mode == "v2" else 0)
         hist = (
             merge_histograms(good) if good else length_histogram(np.zeros(0, np.int64), max_length)
         )
         w.counts = {
+            "cells_in": sum(f["cells_in"] for f in written.values()),
             "cells": hist["cells"],
+            "filtered": {
+                NO_VOCABULARY_GENES: sum(f[NO_VOCABULARY_GENES] for f in written.values())
+            },
+            "n_counts_recomputed": sum(f["bad_n_counts"] for f in written.values()),
             "files": len(plan) - len(set(quarantined) & set(plan)),
             "quarantined": quarantined,
         }
+        w.extra["files"] = {
+            uri: {"cells_in": f["cells_in"], "cells": f["cells"],
+                  "filtered": {NO_VOCABULARY_GENES: f[NO_VOCABULARY_GENES]},
+                  "n_counts_recomputed": f["bad_n_counts"]}
+            for uri, f in written.items()
+        }  # fmt: skip
         w.extra["genes"] = reports
         w.extra["length_histogram"] = hist
     return artifacts.read_manifest(out)

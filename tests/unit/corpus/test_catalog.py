@@ -1,11 +1,20 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import get_args, get_type_hints
 
 import pytest
 
 from cellfoundry.config import QCConfig
-from cellfoundry.corpus.catalog import CatalogError, doi_duplicates, exclusion_reason, load_catalog
+from cellfoundry.corpus.catalog import (
+    CatalogError,
+    DatasetEntry,
+    doi_duplicates,
+    exclusion_reason,
+    load_catalog,
+)
+from cellfoundry.corpus.sources import FORMATS
 from cellfoundry.paths import shared_dir
 
 
@@ -42,20 +51,58 @@ def test_yaml_and_csv_agree(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("datasets:\n  - {id: a}\n", "field 'uri' is required"),
+        ("datasets:\n  - {id: a}\n", "dataset 'a': missing required key(s) uri"),
+        ("datasets:\n  - {uri: x}\n", "datasets[0]: missing required key(s) id"),
         ("datasets:\n  - {id: 'a b', uri: x}\n", "may only hold"),
-        ("datasets:\n  - {id: a, uri: x, colour: red}\n", "unknown field"),
+        ("datasets:\n  - {id: a, uri: x, colour: red}\n", "dataset 'a': unknown key(s) colour"),
         ("datasets:\n  - {id: a, uri: x}\n  - {id: a, uri: y}\n", "appears twice"),
-        ("datasets:\n  - {id: a, uri: x, malignant: maybe}\n", "expected true/false"),
+        ("datasets:\n  - {id: a, uri: x, malignant: maybe}\n", "a'.malignant: expected true or"),
         ("datasets: []\n", "lists no datasets"),
         ("items: []\n", "'datasets:' list"),
+        # Wrong types are errors, not strings (which silently excluded the dataset).
+        ("datasets:\n  - {id: a, uri: x, organ: [a, b]}\n", "a'.organ: expected a string"),
+        ("datasets:\n  - {id: a, uri: x, platform: 5}\n", "a'.platform: expected text, got the"),
+        ("datasets:\n  - {id: a, uri: x, doi: 10.1000}\n", "a'.doi: expected text"),
+        ("datasets:\n  - {id: a, uri: x, metadata: [x]}\n", "a'.metadata: expected a mapping"),
+        ("datasets:\n  - {id: a, uri: x, format: csv}\n", "a'.format: 'csv' is not one of"),
+        ("datasets:\n  - {id: a, uri: x}\nversion: 2\n", "unknown key(s) version"),
+        ("datasets:\n  - 5\n", "datasets[0] is not a mapping"),
     ],
 )
 def test_errors_name_row_and_field(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(text)
-    with pytest.raises(CatalogError, match=message):
+    with pytest.raises(CatalogError, match=re.escape(message)) as err:
         load_catalog(path)
+    assert str(path) in str(err.value)
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("datasets:\n  - {id: a, uri: x.h5ad\n  - {id: b, uri: y.h5ad}\n")
+    with pytest.raises(CatalogError, match=rf"catalog {path}, line 3, column 5: not valid YAML"):
+        load_catalog(path)
+
+
+def test_csv_cells_are_text_and_empty_cells_take_defaults(tmp_path: Path) -> None:
+    (tmp_path / "c.csv").write_text("id,uri,organ,platform,malignant\n5,x.h5ad,,10x,no\n")
+    (e,) = load_catalog(tmp_path / "c.csv")
+    assert (e.id, e.organ, e.platform, e.malignant, e.droplet) == (
+        "5",
+        "unknown",
+        "10x",
+        False,
+        True,
+    )
+    (tmp_path / "bad.csv").write_text("id,uri,colour\na,x.h5ad,red\n")
+    with pytest.raises(CatalogError, match=r"dataset 'a': unknown key\(s\) colour"):
+        load_catalog(tmp_path / "bad.csv")
+
+
+def test_format_choices_are_the_readers_formats() -> None:
+    hints = get_type_hints(DatasetEntry)
+    (choices,) = (a for a in get_args(hints["format"]) if a is not type(None))
+    assert get_args(choices) == FORMATS
 
 
 def test_missing_catalog(tmp_path: Path) -> None:

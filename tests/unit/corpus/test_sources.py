@@ -22,6 +22,7 @@ from cellfoundry.corpus.sources import (
     Chunk,
     SourceError,
     chunk_ranges,
+    count_cells,
     detect_format,
     probe,
     read_chunk,
@@ -247,6 +248,51 @@ def test_csc_negative_and_empty_matrices(tmp_path: Path, cells: dict) -> None:
         read_chunk(_h5ad(tmp_path / "neg.h5ad", neg), "h5ad", 0, 20)
     with pytest.raises(SourceError, match=r"empty\.h5ad: X: is empty \(0 cells"):
         probe(_h5ad(tmp_path / "empty.h5ad", sp.csr_matrix((0, 5), dtype=np.int32)))
+
+
+def test_cell_names_in_messages_are_plain_text(tmp_path: Path, cells: dict) -> None:
+    """Errors quote a cell as 'name', never as NumPy's np.str_('name')."""
+    x = sp.csr_matrix(cells["x"][:20], dtype=np.float32)
+    x.data[5] = 0.5
+    uri = _h5ad(tmp_path / "half.h5ad", x, obs=pd.DataFrame(index=cells["barcodes"][:20]))
+    with pytest.raises(SourceError) as err:
+        read_chunk(uri, "h5ad", 0, 20)
+    cell = cells["barcodes"][int(np.searchsorted(x.indptr, 5, side="right")) - 1]
+    assert f"in cell '{cell}'" in str(err.value) and "np.str_" not in str(err.value)
+
+
+def test_readable_quarantined_files_still_count_their_cells(tmp_path: Path, cells: dict) -> None:
+    """A file that is readable but cannot be used as given counts its cells (corpus counts)."""
+    x = cells["x"][:30]
+    csc = _h5ad(tmp_path / "csc.h5ad", sp.csc_matrix(x))
+    plain = _h5ad(tmp_path / "plain.h5ad", x)
+    with pytest.raises(SourceError, match="CSC"):
+        probe(csc)
+    with pytest.raises(SourceError, match="'layers/counts' is not in the file"):
+        probe(plain, matrix="layers/counts")
+    assert count_cells(csc) == 30  # stored as CSC
+    assert count_cells(plain, matrix="layers/counts") == 30  # no such matrix
+    assert count_cells(plain, "h5ad", matrix="raw/X") == 30
+    loom = tmp_path / "cells.loom"
+    write_loom(loom, sp.csr_matrix(x), cells["ids"][: x.shape[1]], cells["symbols"][: x.shape[1]],
+               cells["barcodes"][:30])  # fmt: skip
+    assert count_cells(str(loom), matrix="layers/nope") == 30
+    two = tmp_path / "v2_two_genomes.h5"
+    write_10x_h5(two, x, cells["ids"], cells["symbols"], cells["barcodes"][:30], version=2,
+                 genomes=("hg19", "mm10"))  # fmt: skip
+    assert count_cells(str(two)) == 30  # several genomes, none chosen
+    garbage = tmp_path / "garbage.h5ad"
+    garbage.write_bytes(np.random.default_rng(0).bytes(4096))
+    assert count_cells(str(garbage)) is None  # unreadable: nothing to count
+
+
+def test_text_n_counts_is_nan_not_an_error(tmp_path: Path, cells: dict) -> None:
+    """A non-numeric obs["n_counts"] no longer quarantines a file for the corpus stage (which
+    does not use it); tokenize sees NaN and reports those cells."""
+    obs = pd.DataFrame({"n_counts": ["12", "n/a", "7.5", ""]}, index=[f"c{i}" for i in range(4)])
+    uri = _h5ad(tmp_path / "text.h5ad", cells["x"][:4], obs=obs)
+    c = read_chunk(uri, "h5ad", 0, 4)
+    assert np.array_equal(c.n_counts_obs, [12.0, np.nan, 7.5, np.nan], equal_nan=True)
 
 
 def test_stored_zeros_and_unsorted_duplicate_indices(tmp_path: Path) -> None:
