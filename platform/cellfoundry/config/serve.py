@@ -70,13 +70,40 @@ class LimitsConfig:
     """Cells with fewer expressed genes that map to the vocabulary are rejected (the corpus
     QC keeps cells with >= 7 detected protein-coding genes)."""
     max_body_bytes: int = 4 * 1024**2
-    """Largest request body accepted."""
+    """Largest request body accepted: refused (413) from its Content-Length before it is
+    read, or as soon as a streamed body passes it."""
     max_perturbations: int = 64
     """Perturbations per /perturb request at most."""
+    symbol_cache_size: int = 100_000
+    """Gene symbols resolved to an Ensembl ID kept in the ingress's cache (least recently
+    used evicted first; the shared gene table has ~70k symbols)."""
+    unknown_symbol_cache_size: int = 4_096
+    """Names that resolved to nothing kept in the cache: a small bound, so requests full of
+    unknown names cannot grow the ingress's memory."""
+    small_body_bytes: int = 256 * 1024
+    """Bodies up to this size are parsed and tokenized in the small-request thread pool,
+    larger ones in the large-request pool, so large requests never delay small ones."""
+    small_request_threads: int = 4
+    """Worker threads of the ingress for small bodies (parsing and tokenization run off the
+    event loop)."""
+    large_request_threads: int = 1
+    """Worker threads of the ingress for large bodies; large requests queue for them."""
 
     def __post_init__(self) -> None:
         if self.max_genes < 1 or self.min_genes < 1 or self.max_body_bytes < 1024:
             raise ValueError("limits: max_genes and min_genes >= 1, max_body_bytes >= 1024")
+        if self.symbol_cache_size < 0 or self.unknown_symbol_cache_size < 0:
+            raise ValueError(
+                "limits: symbol_cache_size and unknown_symbol_cache_size must be >= 0 (0: no cache)"
+            )
+        if (
+            self.small_body_bytes < 0
+            or self.small_request_threads < 1
+            or self.large_request_threads < 1
+        ):
+            raise ValueError(
+                "limits: small_body_bytes >= 0 and small_request_threads, large_request_threads >= 1"
+            )
 
 
 @dataclass

@@ -2,33 +2,52 @@
 
 Routes: ``GET /healthz``; ``POST /embed`` (a cell -> its embedding); ``POST /classify``
 (a cell -> class probabilities from a named fine-tuned classifier or LoRA adapter,
-multiplexed over replicas); ``POST /perturb`` (a cell and a few perturbations -> shifts).
+multiplexed over replicas); ``POST /perturb`` (a cell and a few perturbations -> shifts);
+``GET /docs`` and ``/openapi.json``. With a token configured, every route but ``/healthz``
+needs ``Authorization: Bearer <token>``.
+
 A cell is ``{"genes": {gene: raw count}}`` (Ensembl IDs or symbols, tokenized on the server
-with the model's own dictionaries) or ``{"input_ids": [...]}``. Every bad request gets a 4xx
-JSON body ``{"error": ..., ...details}``; nothing a request sends takes a replica down.
+with the model's own dictionaries; ``"normalized": true`` for depth-normalised values, see
+:mod:`cellfoundry.serve.tokenizer`) or ``{"input_ids": [...]}``. Every bad request gets a 4xx
+JSON body ``{"error": ..., ...details}``: 400 for a body that is not acceptable JSON (see
+:mod:`cellfoundry.serve.body`), 401 without the token, 404 for an unknown classifier, 413
+for too much (body bytes, checked before reading; genes; tokens; perturbations), 422 for
+values the API cannot use. Bodies are parsed and tokenized in worker threads, small and
+large ones in separate pools, so one client's large cells cannot stall the event loop or
+other clients' small requests; nothing a request sends takes a replica down.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the real `Request` type.
+import asyncio
 import hashlib
 import hmac
 import json
 import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from cellfoundry.config import config_to_dict, parse_config
 from cellfoundry.config.serve import ServeJobConfig
+from cellfoundry.serve.body import parse_json, read_body
 from cellfoundry.serve.errors import RequestError, guard
 from cellfoundry.serve.tokenizer import CellTokenizer
 
 logger = logging.getLogger(__name__)
 
-api = FastAPI(title="cellfoundry", description=__doc__)
+# FastAPI's own /docs, /redoc and /openapi.json would answer without the token: the Api class
+# serves /docs and /openapi.json itself, behind the token when one is set.
+api = FastAPI(
+    title="cellfoundry", description=__doc__, docs_url=None, redoc_url=None, openapi_url=None
+)
+T = TypeVar("T")
 
 
 @serve.deployment
@@ -110,7 +129,8 @@ class Classifiers:
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 @serve.ingress(api)
 class Api:
-    """HTTP ingress: validation, auth, server-side tokenization, routing to the replicas."""
+    """HTTP ingress: auth, body limits, validation and server-side tokenization (in worker
+    threads, off the event loop), routing to the replicas."""
 
     def __init__(
         self, model: Any, classifiers: Any, config: dict[str, Any], token_sha256: str | None
@@ -118,40 +138,57 @@ class Api:
         self.cfg = parse_config(ServeJobConfig, config)
         self.model, self.classifiers = model, classifiers
         self.token_sha256 = token_sha256
+        limits = self.cfg.limits
         self.tokenizer = CellTokenizer.for_model(
             self.cfg.model, gene_medians=self.cfg.gene_medians, gene_table=self.cfg.gene_table,
-            min_genes=self.cfg.limits.min_genes, max_genes=self.cfg.limits.max_genes,
+            min_genes=limits.min_genes, max_genes=limits.max_genes,
+            symbol_cache_size=limits.symbol_cache_size,
+            unknown_symbol_cache_size=limits.unknown_symbol_cache_size,
         )  # fmt: skip
+        # Parsing and tokenizing run in threads: small bodies never queue behind large ones.
+        self._small = ThreadPoolExecutor(limits.small_request_threads, "cf-small-request")
+        self._large = ThreadPoolExecutor(limits.large_request_threads, "cf-large-request")
 
-    async def _body(self, request: Request) -> dict[str, Any]:
-        if self.token_sha256 is not None:
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            digest = hashlib.sha256(token.encode()).hexdigest()
-            if scheme.lower() != "bearer" or not hmac.compare_digest(digest, self.token_sha256):
-                raise RequestError(
-                    401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')"
-                )
-        raw = await request.body()
-        if len(raw) > self.cfg.limits.max_body_bytes:
+    def tokenizer_cache_info(self) -> dict[str, int]:
+        """The symbol caches' sizes and bounds (:meth:`CellTokenizer.cache_info`); for a
+        deployment handle, not an HTTP route."""
+        return self.tokenizer.cache_info()
+
+    def _authorize(self, request: Request) -> None:
+        if self.token_sha256 is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(digest, self.token_sha256):
             raise RequestError(
-                413, f"body of {len(raw)} bytes; at most {self.cfg.limits.max_body_bytes}"
+                401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')"
             )
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RequestError(400, f"malformed JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise RequestError(400, "the body must be a JSON object")
-        return body
+
+    async def _prepare(self, request: Request, prepare: Callable[[dict[str, Any]], T]) -> T:
+        """Authorize, read the body within the limit, then parse and ``prepare`` it in a
+        worker thread (the small- or the large-request pool, by body size)."""
+        self._authorize(request)
+        raw = await read_body(request, self.cfg.limits.max_body_bytes)
+        small = len(raw) <= self.cfg.limits.small_body_bytes
+        return await asyncio.get_running_loop().run_in_executor(
+            self._small if small else self._large, lambda: prepare(parse_json(raw))
+        )
 
     def _cell(self, body: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any] | None]:
         if ("genes" in body) == ("input_ids" in body):
             raise RequestError(
                 422, "send exactly one of 'genes' ({gene: raw count}) or 'input_ids' ([token ids])"
             )
+        normalized = body.get("normalized", False)
+        if type(normalized) is not bool:
+            raise RequestError(
+                422, "'normalized' must be true (depth-normalised values) or false (raw counts)"
+            )
         if "input_ids" in body:
+            if normalized:
+                raise RequestError(422, "'normalized' applies to 'genes' values, not 'input_ids'")
             return self.tokenizer.check_ids(body["input_ids"]), None
-        return self.tokenizer.tokenize(body["genes"])
+        return self.tokenizer.tokenize(body["genes"], normalized=normalized)
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
@@ -161,10 +198,32 @@ class Api:
             "classifiers": sorted(self.cfg.classifiers),
         }
 
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> JSONResponse:
+        async def run() -> dict[str, Any]:
+            self._authorize(request)
+            return api.openapi()
+
+        return await guard(run())
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+        except RequestError as exc:
+            return JSONResponse(exc.body(), status_code=exc.status)
+        if self.token_sha256 is None:
+            url = f"{request.scope.get('root_path', '').rstrip('/')}/openapi.json"
+            return get_swagger_ui_html(openapi_url=url, title="cellfoundry")
+        # Behind a token the page cannot fetch /openapi.json itself: it carries the spec.
+        return get_swagger_ui_html(
+            openapi_url="", title="cellfoundry", swagger_ui_parameters={"spec": api.openapi()}
+        )
+
     @api.post("/embed")
     async def embed(self, request: Request) -> JSONResponse:
         async def run() -> dict[str, Any]:
-            ids, report = self._cell(await self._body(request))
+            ids, report = await self._prepare(request, self._cell)
             vector = await self.model.embed.remote(ids)
             return {"embedding": vector, "dim": len(vector), "n_tokens": len(ids), "genes": report}
 
@@ -173,68 +232,79 @@ class Api:
     @api.post("/classify")
     async def classify(self, request: Request) -> JSONResponse:
         async def run() -> dict[str, Any]:
-            body = await self._body(request)
-            name = body.get("classifier")
-            if name not in self.cfg.classifiers:
-                raise RequestError(
-                    404 if isinstance(name, str) else 422,
-                    f"unknown classifier {name!r}; choose one of {sorted(self.cfg.classifiers)}",
-                )
-            ids, report = self._cell(body)
+            name, ids, report = await self._prepare(request, self._classify_args)
             handle = self.classifiers.options(multiplexed_model_id=name)
             return {"classifier": name, **(await handle.classify.remote(ids)), "genes": report}
 
         return await guard(run())
 
+    def _classify_args(self, body: dict[str, Any]) -> tuple[str, np.ndarray, dict[str, Any] | None]:
+        name = body.get("classifier")
+        choices = sorted(self.cfg.classifiers)
+        if not isinstance(name, str):
+            raise RequestError(422, f"'classifier' must be a name (a string), one of {choices}")
+        if name not in self.cfg.classifiers:
+            raise RequestError(404, f"unknown classifier {name[:80]!r}; choose one of {choices}")
+        return (name, *self._cell(body))
+
     @api.post("/perturb")
     async def perturb(self, request: Request) -> JSONResponse:
         async def run() -> dict[str, Any]:
-            body = await self._body(request)
-            ids, report = self._cell(body)
-            perts = body.get("perturbations")
-            if not isinstance(perts, list) or not perts:
-                raise RequestError(422, "'perturbations' must be a non-empty list of {type, genes}")
-            if len(perts) > self.cfg.limits.max_perturbations:
-                raise RequestError(
-                    413, f"{len(perts)} perturbations; at most {self.cfg.limits.max_perturbations}"
-                )
-            fraction = body.get("fraction", 0.25)
-            if (
-                not isinstance(fraction, (int, float))
-                or isinstance(fraction, bool)
-                or not 0 < fraction <= 1
-            ):
-                raise RequestError(
-                    422,
-                    "'fraction' (ranks moved by inhibit/activate, share of the cell) must be in (0, 1]",
-                )
-            specs = [self._perturbation(p, ids) for p in perts]
-            results = await self.model.perturb.remote(ids, specs, float(fraction))
+            ids, report, specs, fraction = await self._prepare(request, self._perturb_args)
+            results = await self.model.perturb.remote(ids, specs, fraction)
             return {"results": results, "genes": report}
 
         return await guard(run())
 
-    def _perturbation(self, spec: Any, ids: np.ndarray) -> tuple[str, list[int]]:
+    def _perturb_args(
+        self, body: dict[str, Any]
+    ) -> tuple[np.ndarray, dict[str, Any] | None, list[tuple[str, list[int]]], float]:
+        ids, report = self._cell(body)
+        perts = body.get("perturbations")
+        if not isinstance(perts, list) or not perts:
+            raise RequestError(422, "'perturbations' must be a non-empty list of {type, genes}")
+        if len(perts) > self.cfg.limits.max_perturbations:
+            raise RequestError(
+                413, f"{len(perts)} perturbations; at most {self.cfg.limits.max_perturbations}"
+            )
+        fraction = body.get("fraction", 0.25)
+        if type(fraction) not in (int, float) or not 0 < fraction <= 1:
+            raise RequestError(
+                422,
+                "'fraction' (ranks moved by inhibit/activate, share of the cell) must be in (0, 1]",
+            )
+        present = set(ids.tolist())
+        return ids, report, [self._perturbation(p, present) for p in perts], float(fraction)
+
+    def _perturbation(self, spec: Any, present: set[int]) -> tuple[str, list[int]]:
         kinds = ("delete", "overexpress", "inhibit", "activate")
         if not isinstance(spec, dict) or spec.get("type") not in kinds:
             raise RequestError(
-                422, f"each perturbation needs 'type' in {list(kinds)} and 'genes'", got=spec
-            )
+                422, f"each perturbation needs 'type' in {list(kinds)} and 'genes'",
+                got=repr(spec)[:200],
+            )  # fmt: skip
         genes = spec.get("genes")
         if isinstance(genes, str):
             genes = [genes]
-        if not isinstance(genes, list) or not genes or len(set(map(str, genes))) != len(genes):
+        if (
+            not isinstance(genes, list)
+            or not genes
+            or not all(isinstance(g, str) for g in genes)
+            or len(set(genes)) != len(genes)
+            or len(genes) > self.tokenizer.model_input_size
+        ):
             raise RequestError(
-                422, "'genes' of a perturbation must be a gene or a list of distinct genes"
+                422,
+                "'genes' of a perturbation must be a gene name or a list of distinct gene names "
+                f"(strings, at most {self.tokenizer.model_input_size})",
             )
-        tokens = [self.tokenizer.token_of(g) for g in genes]
-        present = set(ids.tolist())
+        tokens = self.tokenizer.tokens_of(genes)
         absent = [g for g, t in zip(genes, tokens, strict=True) if t not in present]
         if absent and spec["type"] != "overexpress":
             raise RequestError(
                 422,
                 f"{spec['type']} needs genes the cell expresses (among its ranked genes)",
-                absent=absent,
+                absent=absent[:50],
             )
         return spec["type"], tokens
 
