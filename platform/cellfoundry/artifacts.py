@@ -4,12 +4,19 @@ Every stage writes one directory. It is built under a temporary sibling and rena
 place only when complete, so a crash never leaves a half-written artifact behind. The
 manifest records a fingerprint of (kind, resolved config, inputs' manifest hashes); a
 rerun with the same fingerprint reuses the artifact instead of redoing it.
+
+Outputs never destroy what cellfoundry did not write (:func:`check_output`), and each
+output has one writer at a time (:func:`claim_output`, a lock file with owner and
+heartbeat, see :mod:`cellfoundry.locks`); temp folders of crashed runs are removed by
+the next run that claims the output.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
+import glob
 import hashlib
 import json
 import logging
@@ -17,12 +24,13 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
-from cellfoundry import __version__
+from cellfoundry import __version__, locks
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +88,144 @@ def reusable(path: str | Path, kind: str, fp: str) -> dict[str, Any] | None:
     return manifest if manifest.get("fingerprint") == fp else None
 
 
+_OVERWRITE: ContextVar[bool] = ContextVar("cellfoundry_overwrite", default=False)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@contextlib.contextmanager
+def allow_overwrite(allowed: bool = True) -> Iterator[None]:
+    """Within the block, an artifact of another kind may be replaced (``--overwrite``).
+
+    Files and folders that are not artifacts are never replaced, allowed or not.
+    """
+    reset = _OVERWRITE.set(allowed)
+    try:
+        yield
+    finally:
+        _OVERWRITE.reset(reset)
+
+
+def check_output(path: str | Path, kind: str, *, overwrite: bool | None = None) -> str | None:
+    """Raise :class:`ArtifactError` unless a ``kind`` artifact may be written at ``path``;
+    returns the kind of the artifact that would be replaced (None: nothing would be).
+
+    Allowed: nothing there, an empty folder, or an artifact of the same kind (replaced).
+    An artifact of another kind only with ``overwrite`` (default: :func:`allow_overwrite`).
+    Anything else, a file or a folder without ``manifest.json`` (someone's own files), is
+    never replaced.
+    """
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return None
+    if path.is_dir() and not path.is_symlink():
+        if not any(path.iterdir()):
+            return None
+        if (path / MANIFEST).is_file():
+            try:
+                found = json.loads((path / MANIFEST).read_text()).get("kind")
+            except (ValueError, AttributeError):
+                found = None
+            if found == kind or (_OVERWRITE.get() if overwrite is None else overwrite):
+                return str(found)
+            raise ArtifactError(
+                f"{path} holds a {found!r} artifact, not a {kind!r} one; choose another output "
+                "path, or pass --overwrite to replace it"
+            )
+    what = "a file" if path.is_file() else "a folder that is not a cellfoundry artifact"
+    raise ArtifactError(
+        f"{path} exists and is {what} (no {MANIFEST}); cellfoundry never replaces files it "
+        "did not write: choose another output path, or an empty or new folder"
+    )
+
+
+def remove_stale_temps(path: str | Path) -> list[Path]:
+    """Remove ``.<name>.tmp-*`` and ``.<name>.old-*`` beside ``path``: what crashed runs
+    left. Only call it while holding the output's lock (:func:`claim_output`)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    name = glob.escape(path.name)
+    removed = sorted(path.parent.glob(f".{name}.tmp-*")) + sorted(
+        path.parent.glob(f".{name}.old-*")
+    )
+    for p in removed:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    if removed:
+        logger.warning("%s: removed what crashed runs left: %s", path, [p.name for p in removed])
+    return removed
+
+
+@dataclass(frozen=True)
+class OutputClaim:
+    """This run's hold on an output path; picklable, so a Ray task of the same run can
+    join it (``claim_output(path, join=claim)``)."""
+
+    path: str
+    lease: locks.Lease
+    overwrite: bool
+
+
+@contextlib.contextmanager
+def claim_output(
+    path: str | Path,
+    kind: str | None = None,
+    *,
+    overwrite: bool | None = None,
+    join: OutputClaim | None = None,
+) -> Iterator[OutputClaim]:
+    """Be the one writer of ``path`` for the block: take its lock (fails fast with
+    :class:`ArtifactError` naming the other run if one holds it), remove temp folders of
+    crashed runs and, with ``kind``, :func:`check_output`. Reentrant on this thread; with
+    ``join`` (the claim of the run that started this process) the lock is shared."""
+    path = Path(path).resolve()
+    owned_before = locks.holds(path)
+    if overwrite is None:
+        overwrite = join.overwrite if join is not None else _OVERWRITE.get()
+    stack = contextlib.ExitStack()
+    try:
+        lease = stack.enter_context(locks.hold(path, join=join.lease if join else None))
+    except locks.LockHeldError as exc:
+        raise ArtifactError(str(exc)) from None
+    with stack:
+        if not owned_before and join is None:
+            remove_stale_temps(path)
+        found = check_output(path, kind, overwrite=overwrite) if kind is not None else None
+        if found not in (None, kind):
+            logger.warning(
+                "%s: a %r artifact is there; it will be replaced (overwrite)", path, found
+            )
+        reset = _OVERWRITE.set(overwrite)
+        try:
+            yield OutputClaim(str(path), lease, overwrite)
+        finally:
+            _OVERWRITE.reset(reset)
+
+
+def holds_output(
+    kind: str | None, path_of: Callable[..., str | Path | None]
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorate a stage's run function so that it runs holding
+    ``claim_output(path_of(*args, **kwargs), kind)``: a second run into the same output
+    fails fast, before any work. ``path_of`` returning None claims nothing."""
+
+    def decorate(fn: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(fn)
+        def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            path = path_of(*args, **kwargs)
+            if path is None:
+                return fn(*args, **kwargs)
+            with claim_output(path, kind):
+                return fn(*args, **kwargs)
+
+        return run
+
+    return decorate
+
+
 @dataclass
 class ArtifactWriter:
     """A directory being written; see :func:`write_artifact`."""
@@ -117,33 +263,50 @@ class ArtifactWriter:
 
 @contextlib.contextmanager
 def write_artifact(
-    path: str | Path, kind: str, config: Any, inputs: Mapping[str, str | Path] | None = None
+    path: str | Path,
+    kind: str,
+    config: Any,
+    inputs: Mapping[str, str | Path] | None = None,
+    *,
+    overwrite: bool | None = None,
 ) -> Iterator[ArtifactWriter]:
     """Write an artifact atomically: yields a writer whose ``dir`` is a temp folder.
 
-    On normal exit the manifest is written and the folder renamed to ``path`` (replacing
-    an older artifact there); on an exception the temp folder is removed.
+    Holds ``path`` (:func:`claim_output`) throughout: what is at ``path`` must be
+    replaceable by a ``kind`` artifact (:func:`check_output`; ``overwrite`` for another
+    kind), checked before and again at commit. On normal exit the manifest is written and
+    the folder renamed to ``path``, replacing the artifact there; on an exception the temp
+    folder is removed and ``path`` left as it was.
     """
     path = Path(path).resolve()
     inputs = {k: str(Path(v).resolve()) for k, v in (inputs or {}).items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    writer = ArtifactWriter(path, tmp, kind, config, inputs, fingerprint(kind, config, inputs))
-    try:
-        yield writer
-        (tmp / MANIFEST).write_text(json.dumps(writer.manifest(), indent=2, default=str))
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-        logger.info("wrote %s artifact %s", kind, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with claim_output(path, kind, overwrite=overwrite) as claim:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        fp = fingerprint(kind, config, inputs)
+        writer = ArtifactWriter(path, tmp, kind, config, inputs, fp)
+        try:
+            yield writer
+            (tmp / MANIFEST).write_text(json.dumps(writer.manifest(), indent=2, default=str))
+            found = check_output(path, kind, overwrite=claim.overwrite)  # changed meanwhile?
+            try:
+                locks.verify(path)
+            except locks.LockHeldError as exc:
+                raise ArtifactError(str(exc)) from None
+            if path.exists():
+                if found is not None:
+                    logger.info("replacing the %r artifact at %s", found, path)
+                old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+            logger.info("wrote %s artifact %s", kind, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 RUN_FINGERPRINT = "cellfoundry_fingerprint"

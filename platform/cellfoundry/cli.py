@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from cellfoundry import runtime
+from cellfoundry import artifacts, runtime
 from cellfoundry.logs import setup_logging
 
 logger = logging.getLogger("cellfoundry.cli")
@@ -154,6 +154,16 @@ def _config_args(
     )
 
 
+def _overwrite_arg(p: argparse.ArgumentParser) -> None:
+    """``--overwrite``: the output may replace an artifact of another kind (never other files)."""
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an artifact of another kind at the output path (files and folders that "
+        "are not artifacts are never replaced)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cellfoundry", description=__doc__)
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
@@ -163,12 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
         "corpus", help="stage 1: catalog -> cells -> medians -> vocabulary -> tokenized"
     )
     _config_args(p, "jobs/configs/corpus/", "corpus.qc.n_sd=2.5")
+    _overwrite_arg(p)
     p.set_defaults(func=_corpus)
 
     p = sub.add_parser(
         "pretrain", help="stage 2: pretrain a BERT on tokenized cells (Ray Train + DeepSpeed)"
     )
     _config_args(p, "jobs/configs/pretrain/", "optim.lr=1e-4")
+    _overwrite_arg(p)
     p.set_defaults(func=_pretrain)
 
     p = sub.add_parser(
@@ -176,10 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="stage 3: fine-tune a classifier (full, probe, few-shot, QLoRA) + baselines",
     )
     _config_args(p, "jobs/configs/finetune/", "optim.learning_rate=0.0001")
+    _overwrite_arg(p)
     p.set_defaults(func=_finetune)
 
     p = sub.add_parser("tune", help="stage 3: hyperparameter search (Ray Tune + HyperOpt + ASHA)")
     _config_args(p, "jobs/configs/tune/", "tune.num_samples=16")
+    _overwrite_arg(p)
     p.set_defaults(func=_tune)
 
     p = sub.add_parser(
@@ -189,10 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", help="tokenized artifact (part-*.parquet shards)")
     p.add_argument("--output", help="AnnData file to write, OUT.h5ad")
     _config_args(p, "jobs/configs/embed/; flags override it", "layer=-1", required=False)
+    _overwrite_arg(p)
     p.set_defaults(func=_embed)
 
     p = sub.add_parser("perturb", help="stage 4: in-silico perturbation screen (Ray Data)")
     _config_args(p, "jobs/configs/perturb/", "fraction=0.5")
+    _overwrite_arg(p)
     p.set_defaults(func=_perturb)
 
     p = sub.add_parser(
@@ -232,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--address", default=None, help="Ray cluster address (default: local)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local cluster")
+    _overwrite_arg(p)
     p.set_defaults(func=_tokenize)
 
     p = sub.add_parser(
@@ -256,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--tokens", help="tokenized artifact (part-*.parquet shards)")
     q.add_argument("--output", help="report folder (default: <model>-eval-masked beside the model)")
     _config_args(q, "jobs/configs/evaluate/", "holdout.max_cells=500", required=False)
+    _overwrite_arg(q)
     q.set_defaults(func=_evaluate_masked)
     q = ev.add_parser("batch", help="cosine similarities of cell / gene pairs across batches")
     q.add_argument("--embeddings", help="cell embeddings .h5ad (.obsm['X_cellfoundry'])")
@@ -264,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--gene-embeddings", help="gene embeddings Parquet (one row per gene and group)")
     q.add_argument("--output", help="report folder (default: <embeddings stem>-eval-batch)")
     _config_args(q, "jobs/configs/evaluate/", "max_pairs=50000", required=False)
+    _overwrite_arg(q)
     q.set_defaults(func=_evaluate_batch)
     q = ev.add_parser("probe", help="linear probe on frozen embeddings vs fine-tuned vs baselines")
     _config_args(q, "jobs/configs/evaluate/probe-smoke.yaml", "methods=[probe]")
@@ -276,7 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     try:
-        return int(args.func(args))
+        with artifacts.allow_overwrite(getattr(args, "overwrite", False)):
+            return int(args.func(args))
     except ValueError as exc:  # user mistakes: one clear line, no traceback
         logger.error("%s", exc)
         return 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -11,8 +12,9 @@ import numpy as np
 import polars as pl
 import pytest
 
+from cellfoundry.artifacts import ArtifactError
 from cellfoundry.cli import main
-from cellfoundry.corpus.tokenize_files import DictionaryGenes
+from cellfoundry.corpus.tokenize_files import DictionaryGenes, tokenize_files
 from cellfoundry.genes import GeneTable
 
 
@@ -98,6 +100,31 @@ def test_v1_dictionaries_with_v2_mode_is_a_clear_error(
     assert main(["tokenize", *argv]) == 2  # a ValueError, reported in one line
     with pytest.raises(ValueError, match="v1 dictionaries but --mode is v2"):
         DictionaryGenes.load(geneformer_dir / "v1", "v2")
+
+
+def test_output_folder_of_a_users_files_is_never_replaced(
+    ray_local: None, real_h5ad: list[Path], geneformer_dir: Path, tmp_path: Path
+) -> None:
+    small = next(p for p in real_h5ad if p.name.startswith("scirpy_wu2020"))
+    mine = tmp_path / "my_results"
+    mine.mkdir()
+    (mine / "analysis.txt").write_text("a week of work")
+    argv = [str(small), "--dictionaries", str(geneformer_dir / "v2"), "--output", str(mine)]
+    for extra in ([], ["--overwrite"]):  # --overwrite only replaces artifacts
+        assert main(["tokenize", *argv, *extra]) == 2  # a ValueError, reported in one line
+        assert sorted(p.name for p in mine.iterdir()) == ["analysis.txt"]
+        assert (mine / "analysis.txt").read_text() == "a week of work"
+    with pytest.raises(
+        ArtifactError, match=f"{re.escape(str(mine))} exists.*choose another output path"
+    ):
+        tokenize_files([str(small)], dictionaries=geneformer_dir / "v2", mode="v2", output=mine)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my_results"]  # no temp, no lock
+    out = tmp_path / "tokens"  # a new folder works, and a rerun replaces its own artifact
+    assert main(["tokenize", *argv[:-1], str(out)]) == 0
+    assert main(["tokenize", *argv[:-1], str(out), "--model-input-size", "1024"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "tokenized" and manifest["config"]["model_input_size"] == 1024
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my_results", "tokens"]
 
 
 def test_bad_n_counts_is_an_error_or_recomputed(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from dataclasses import asdict, dataclass
@@ -268,11 +269,14 @@ def run_corpus(cfg: CorpusConfig) -> CorpusResult:
     configure_data_context()  # deterministic order: the same outputs on 1 or 100 nodes
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    catalog_path, entries = _catalog_stage(cfg, out)
-    cells_path = _cells_stage(cfg, out, catalog_path, entries)
-    medians_path = vocab_stage.medians_stage(cfg, out, cells_path)
-    vocab_path = vocab_stage.vocabulary_stage(cfg, out, cells_path, medians_path)
-    tokenized_path = vocab_stage.tokenized_stage(cfg, out, cells_path, vocab_path)
+    with contextlib.ExitStack() as claims:  # one writer per output; checked before any work
+        for kind in ("catalog", "cells", "medians", "vocabulary", "tokenized"):
+            claims.enter_context(artifacts.claim_output(out / kind, kind))
+        catalog_path, entries = _catalog_stage(cfg, out)
+        cells_path = _cells_stage(cfg, out, catalog_path, entries)
+        medians_path = vocab_stage.medians_stage(cfg, out, cells_path)
+        vocab_path = vocab_stage.vocabulary_stage(cfg, out, cells_path, medians_path)
+        tokenized_path = vocab_stage.tokenized_stage(cfg, out, cells_path, vocab_path)
     counts = artifacts.read_manifest(cells_path)["counts"]
     counts["tokenized"] = artifacts.read_manifest(tokenized_path)["counts"]
     return CorpusResult(catalog_path, cells_path, medians_path, vocab_path, tokenized_path, counts)

@@ -195,6 +195,7 @@ def _file_counts(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return files
 
 
+@artifacts.holds_output("tokenized", lambda *_, output, **__: output)
 def tokenize_files(
     inputs: Sequence[str],
     *,

@@ -116,6 +116,7 @@ def load_genes(
     return emb, table["ensembl_id"].to_pylist(), [str(g) for g in table["group"].to_pylist()]
 
 
+@artifacts.holds_output(KIND, lambda cfg: cfg.output_dir)
 def run_batch(cfg: BatchEvalConfig) -> BatchEvalResult:
     """Evaluate ``cfg.embeddings`` (and ``cfg.gene_embeddings``); write the artifact."""
     paths = {"embeddings": cfg.embeddings}

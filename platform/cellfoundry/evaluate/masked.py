@@ -164,6 +164,7 @@ def _score_cells(
     return records
 
 
+@artifacts.holds_output(KIND, lambda cfg: cfg.output_dir)
 def run_masked(cfg: MaskedEvalConfig) -> MaskedEvalResult:
     """Evaluate ``cfg.model`` on the held-out cells of ``cfg.tokenized``; write the
     ``evaluation_masked`` artifact (metrics.json, report.md, per_cell.parquet, accuracy.png)."""

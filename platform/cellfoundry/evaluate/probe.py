@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from cellfoundry import artifacts
 from cellfoundry.config.tune import ProbeConfig
 from cellfoundry.tune import METHOD_TITLES, compare, load_finetuned, prepare, write_report
 from cellfoundry.tune.models import FINETUNE_FILE
@@ -47,11 +48,21 @@ def _load_trained(cfg: ProbeConfig, test_ids: np.ndarray) -> dict[str, Any]:
     return {mode: load_finetuned(directory)}
 
 
+@artifacts.holds_output(None, lambda cfg: cfg.output_dir)
 def run_probe(cfg: ProbeConfig) -> dict[str, Any]:
     """Run every method of ``cfg.methods`` and the baselines on the splits of
     ``cfg.finetune``; write probe_report.json, probe_report.md, confusion_matrix.png and
-    roc.png into ``cfg.output_dir``. Returns the JSON report (per split and method: test
-    accuracy, macro F1, one-vs-rest ROC AUC, per-class report; ``summary`` averages)."""
+    roc.png into ``cfg.output_dir`` (new, empty, or an earlier probe report: never into
+    someone's own folder). Returns the JSON report (per split and method: test accuracy,
+    macro F1, one-vs-rest ROC AUC, per-class report; ``summary`` averages)."""
+    out = Path(cfg.output_dir)
+    if out.exists() and not (
+        out.is_dir() and (not any(out.iterdir()) or (out / REPORT_JSON).is_file())
+    ):
+        raise artifacts.ArtifactError(
+            f"output_dir {out} exists and is not an earlier probe report (no {REPORT_JSON}); "
+            "choose another output_dir, or an empty or new folder"
+        )
     ft = cfg.finetune
     prep = prepare(ft)
     trained = _load_trained(cfg, prep.cells.cell_ids[prep.splits[0].test])

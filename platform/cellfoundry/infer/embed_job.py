@@ -19,7 +19,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from cellfoundry.artifacts import fingerprint, reusable, write_artifact
+from cellfoundry.artifacts import (
+    fingerprint,
+    holds_output,
+    remove_stale_temps,
+    reusable,
+    write_artifact,
+)
 from cellfoundry.config.infer import EmbedJobConfig
 from cellfoundry.config.loader import config_to_dict, load_config
 from cellfoundry.infer.common import (
@@ -32,7 +38,13 @@ from cellfoundry.infer.common import (
     provenance,
     shard_files,
 )
-from cellfoundry.infer.outputs import OBSM_KEY, GeneSums, plot_umap, write_h5ad
+from cellfoundry.infer.outputs import (
+    OBSM_KEY,
+    GeneSums,
+    check_h5ad_output,
+    plot_umap,
+    write_h5ad,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +98,15 @@ class EmbedResult:
         }
 
 
+@holds_output("embeddings", lambda cfg: cfg.artifact_dir)
 def run_embed(cfg: EmbedJobConfig) -> EmbedResult:
     """Embed every cell of ``cfg.tokenized`` (Ray must be initialised; see :func:`run_embed_job`)."""
     import ray
 
     from cellfoundry.runtime import configure_data_context
 
+    check_h5ad_output(cfg.output)  # the artifact folder beside it is held by this run
+    remove_stale_temps(cfg.output)
     files = shard_files(cfg.tokenized)
     config = {**config_to_dict(cfg), "model_signature": model_signature(cfg.model)}
     config.pop("ray")

@@ -92,6 +92,28 @@ class GeneSums:
         return pa.table(rows, schema=GENE_SCHEMA)
 
 
+def check_h5ad_output(path: str | Path) -> None:
+    """Raise ``ArtifactError`` if ``path`` exists and is not an embeddings file cellfoundry
+    wrote (one with ``.uns["cellfoundry"]``): someone's own file is never replaced."""
+    import h5py
+
+    from cellfoundry.artifacts import ArtifactError
+
+    path = Path(path)
+    if not path.exists():
+        return
+    try:
+        with h5py.File(path, "r") as f:
+            ours = f"uns/{UNS_KEY}" in f
+    except OSError:
+        ours = False
+    if not ours:
+        raise ArtifactError(
+            f"{path} exists and is not an embeddings file written by cellfoundry (no "
+            f".uns['{UNS_KEY}']); it is never replaced: choose another output path"
+        )
+
+
 def write_h5ad(
     path: str | Path, obs: pa.Table, embeddings: np.ndarray, uns: dict[str, Any]
 ) -> Path:

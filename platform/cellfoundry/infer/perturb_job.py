@@ -11,9 +11,11 @@ shards already finished. The driver then assembles the ``screen`` artifact: the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from cellfoundry.artifacts import fingerprint, reusable, write_artifact
+from cellfoundry.artifacts import fingerprint, holds_output, reusable, write_artifact
 from cellfoundry.config.infer import PerturbJobConfig
 from cellfoundry.config.loader import config_to_dict, load_config
 from cellfoundry.infer.common import (
@@ -151,6 +153,7 @@ class PerturbResult:
         return {"artifact": str(self.artifact), "counts": self.counts, "reused": self.reused}
 
 
+@holds_output("screen", lambda cfg: cfg.output_dir)
 def run_perturb(cfg: PerturbJobConfig) -> PerturbResult:
     """Run the screen of ``cfg`` (Ray must be initialised; see :func:`run_perturb_job`)."""
     import ray
@@ -203,7 +206,12 @@ def run_perturb(cfg: PerturbJobConfig) -> PerturbResult:
         w.extra = {
             "provenance": provenance(cfg.model, cfg.tokenized, layer=cfg.layer, pooling=cfg.pooling)
         }
-    shutil.rmtree(work.parent, ignore_errors=True)
+    # Only the work folders this stage made (one per fingerprint), then the folder if empty.
+    for child in work.parent.iterdir():
+        if re.fullmatch(r"[0-9a-f]{32}", child.name) and child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        work.parent.rmdir()
     return PerturbResult(out, counts)
 
 

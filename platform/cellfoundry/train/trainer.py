@@ -94,6 +94,7 @@ def _result(cfg: PretrainJobConfig, metrics: dict[str, Any], **kwargs: Any) -> P
     )
 
 
+@artifacts.holds_output("model", lambda cfg: cfg.output_dir)
 def run_pretrain(cfg: PretrainJobConfig) -> PretrainResult:
     """Pretrain per ``cfg`` on Ray Train (starting a local Ray if none is running) and write
     the ``model`` artifact at ``cfg.output_dir`` once the last step is done.

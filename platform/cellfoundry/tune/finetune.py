@@ -81,17 +81,23 @@ def write_finetuned_artifact(
     return metrics
 
 
-def finetune_local(cfg: FinetuneJobConfig) -> dict[str, Any]:
+def finetune_local(
+    cfg: FinetuneJobConfig, claim: artifacts.OutputClaim | None = None
+) -> dict[str, Any]:
     """Everything in this process: prepare, train and compare, write the artifact; returns
-    the JSON summary (what the Ray task of :func:`run_finetune` returns)."""
+    the JSON summary (what the Ray task of :func:`run_finetune` returns). ``claim``: the
+    hold on ``output_dir`` of the run that started this task (else it is claimed here)."""
     from cellfoundry.logs import setup_logging
 
     setup_logging()  # also inside a Ray worker
     if cfg.output_dir is None:
         raise ValueError("output_dir is not set: give the folder of the fine-tuned model artifact")
-    prep = prepare(cfg)
-    comparison = compare(cfg, [cfg.model.mode], prep=prep)
-    metrics = write_finetuned_artifact(cfg, cfg.output_dir, comparison, prep, method=cfg.model.mode)
+    with artifacts.claim_output(cfg.output_dir, KIND, join=claim):
+        prep = prepare(cfg)
+        comparison = compare(cfg, [cfg.model.mode], prep=prep)
+        metrics = write_finetuned_artifact(
+            cfg, cfg.output_dir, comparison, prep, method=cfg.model.mode
+        )
     return {"output_dir": cfg.output_dir, "summary": metrics["summary"],
             "majority_class_rate": metrics["majority_class_rate"], "reused": False}  # fmt: skip
 
@@ -114,17 +120,18 @@ def run_finetune(cfg: FinetuneJobConfig) -> dict[str, Any]:
     shared storage). Returns a JSON-able summary."""
     if cfg.output_dir is None:
         raise ValueError("output_dir is not set: give the folder of the fine-tuned model artifact")
-    fingerprint = artifacts.fingerprint(KIND, _fingerprint_config(cfg), artifact_inputs(cfg))
-    manifest = artifacts.reusable(cfg.output_dir, KIND, fingerprint)
-    if manifest is not None:
-        logger.info("finetune: reusing %s", cfg.output_dir)
-        return {"output_dir": cfg.output_dir, **manifest.get("metrics", {}), "reused": True}
-    runtime.init_ray(cfg.ray)
-    import ray
+    with artifacts.claim_output(cfg.output_dir, KIND) as claim:  # the task joins this claim
+        fingerprint = artifacts.fingerprint(KIND, _fingerprint_config(cfg), artifact_inputs(cfg))
+        manifest = artifacts.reusable(cfg.output_dir, KIND, fingerprint)
+        if manifest is not None:
+            logger.info("finetune: reusing %s", cfg.output_dir)
+            return {"output_dir": cfg.output_dir, **manifest.get("metrics", {}), "reused": True}
+        runtime.init_ray(cfg.ray)
+        import ray
 
-    task = ray.remote(finetune_local).options(**_remote_options(cfg), max_retries=0)
-    logger.info("finetune: %s on %s -> %s", cfg.model.mode, cfg.data.tokenized, cfg.output_dir)
-    return ray.get(task.remote(cfg))
+        task = ray.remote(finetune_local).options(**_remote_options(cfg), max_retries=0)
+        logger.info("finetune: %s on %s -> %s", cfg.model.mode, cfg.data.tokenized, cfg.output_dir)
+        return ray.get(task.remote(cfg, claim))
 
 
 def run_finetune_job(

@@ -144,10 +144,12 @@ def _tuner(cfg: TuneJobConfig, job: dict[str, Any]) -> Any:
 
 
 def export_best(
-    cfg: TuneJobConfig, params: dict[str, Any], checkpoint: Any, trials: list[dict[str, Any]]
-) -> dict[str, Any]:
+    cfg: TuneJobConfig, params: dict[str, Any], checkpoint: Any, trials: list[dict[str, Any]],
+    claim: artifacts.OutputClaim | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """Rebuild the best trial's model from its best checkpoint, score it (and the baselines)
-    on the test split and write the ``finetuned`` artifact at ``cfg.output_dir``."""
+    on the test split and write the ``finetuned`` artifact at ``cfg.output_dir`` (joining
+    ``claim``, the hold of the search's run on it)."""
     from cellfoundry.logs import setup_logging
     from cellfoundry.tune.compare import compare
 
@@ -163,15 +165,22 @@ def export_best(
     prep = replace(prep, splits=prep.splits[:1])  # the split the trials were validated on
     comparison = compare(best, [best.model.mode], prep=prep, trained={best.model.mode: model})
     extra = {"search": {"best_params": params, "best_epoch": state.epoch, "trials": trials}}
-    metrics = write_finetuned_artifact(best, cfg.output_dir, comparison, prep, method=best.model.mode,
-                                       fp_config=_fingerprint_config(cfg), extra=extra)  # fmt: skip
+    with artifacts.claim_output(cfg.output_dir, KIND, join=claim):
+        metrics = write_finetuned_artifact(best, cfg.output_dir, comparison, prep, method=best.model.mode,
+                                           fp_config=_fingerprint_config(cfg), extra=extra)  # fmt: skip
     return {"summary": metrics["summary"], "majority_class_rate": metrics["majority_class_rate"]}
 
 
 def run_tune(cfg: TuneJobConfig) -> dict[str, Any]:
     """Search per ``cfg`` (restoring an interrupted search of the same name and storage) and
     export the best trial; returns a JSON-able summary with ``completed`` false when the
-    search was interrupted (rerun to finish it)."""
+    search was interrupted (rerun to finish it). Holds ``cfg.output_dir`` throughout: a
+    second search into it fails fast."""
+    with artifacts.claim_output(cfg.output_dir, KIND) as claim:
+        return _search(cfg, claim)
+
+
+def _search(cfg: TuneJobConfig, claim: artifacts.OutputClaim) -> dict[str, Any]:
     fp = artifacts.fingerprint(KIND, _fingerprint_config(cfg), artifact_inputs(cfg.finetune))
     manifest = artifacts.reusable(cfg.output_dir, KIND, fp)
     if manifest is not None:
@@ -209,7 +218,7 @@ def run_tune(cfg: TuneJobConfig) -> dict[str, Any]:
     res = dict(ft.scaling.resources_per_worker or {"CPU": 1})
     task = ray.remote(export_best).options(num_cpus=res.pop("CPU", 1), num_gpus=res.pop("GPU", int(ft.scaling.use_gpu)),
                                            resources=res or None, max_retries=0)  # fmt: skip
-    exported = ray.get(task.remote(cfg, params, checkpoint, trials))
+    exported = ray.get(task.remote(cfg, params, checkpoint, trials, claim))
     return {**summary, **exported, "best_params": params, "completed": True}
 
 
