@@ -10,7 +10,8 @@ import pytest
 # Must precede `import ray` anywhere in the session: Ray reads it on import (PITFALLS.md).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray token auth stays on (its default): the session cluster gets a token of its own
+# (tests/integration/conftest.py), as every cluster cellfoundry starts does.
 
 from cellfoundry.paths import shared_path
 

@@ -13,19 +13,25 @@ import pytest
 
 _ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
+    "RAY_AUTH_MODE": "token",  # as every cluster cellfoundry starts (docs/security.md)
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # every socket on 127.0.0.1 (PITFALLS.md)
 }
 
 
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """A 2-CPU in-process Ray cluster (300 MB object store) shared by the session."""
+    """A 2-CPU in-process Ray cluster (300 MB object store) shared by the session, with
+    Ray token auth on and a random token of its own (0600 in the cluster's temp dir)."""
     ray = pytest.importorskip("ray")
-    saved = {k: os.environ.get(k) for k in [*_ENV, "RAY_TMPDIR"]}
+    from cellfoundry.runtime import ensure_cluster_token, write_token_file
+
+    saved = {k: os.environ.get(k) for k in [*_ENV, "RAY_TMPDIR", "RAY_AUTH_TOKEN_PATH"]}
     # A short temp dir (Ray's socket paths must stay under 107 bytes), removed at the end.
     tmpdir = tempfile.mkdtemp(prefix="cfray-")
-    os.environ.update(_ENV, RAY_TMPDIR=tmpdir)
+    token = write_token_file(tmpdir)
+    os.environ.update(_ENV, RAY_TMPDIR=tmpdir, RAY_AUTH_TOKEN_PATH=str(token))
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    ensure_cluster_token()  # Ray caches the auth mode once imported: refresh it
     ray.init(
         address="local",
         num_cpus=2,

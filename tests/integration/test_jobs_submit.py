@@ -1,6 +1,7 @@
 """`ray job submit` on a real `ray start` cluster: the corpus job over one small real file.
 
-The cluster is this test's own (own ports, RAY_TMPDIR and HOME, loopback only), started as a
+The cluster is this test's own (own ports, RAY_TMPDIR and HOME, loopback only, Ray token
+auth on with a token of its own, as docs/clusters.md says to start one), started as a
 subprocess in its own process group and stopped by killing that group: never `ray stop`,
 which would stop every Ray cluster on the machine (PITFALLS.md). It does not touch the
 session's in-process ``ray_local`` cluster, nor ``RAY_ADDRESS``.
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ import pytest
 
 from cellfoundry import artifacts
 from cellfoundry.paths import REPO_ROOT, shared_dir
+from cellfoundry.runtime import write_token_file
 
 BIN = Path(sys.executable).parent
 RUNTIME_ENV = REPO_ROOT / "cluster" / "runtime_env" / "local.yaml"
@@ -59,15 +62,27 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _wait_for_jobs_api(address: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:
+def _jobs_api(address: str, token: str | None) -> int:
+    """HTTP status of the dashboard's jobs API (with ``token`` as Ray's bearer token)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(f"{address}/api/jobs/", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=2) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def _wait_for_jobs_api(
+    address: str, proc: subprocess.Popen, token: str, timeout: float = 90.0
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"ray start exited with {proc.returncode}")
         try:
-            with urllib.request.urlopen(f"{address}/api/jobs/", timeout=2) as r:
-                if r.status == 200:
-                    return
+            if _jobs_api(address, token) == 200:
+                return
         except OSError:
             pass
         time.sleep(0.5)
@@ -118,18 +133,21 @@ def ray_cluster() -> Iterator[Cluster]:
     if not WU2020.is_file():
         pytest.skip(f"{WU2020} is not available")
     tmpdir = Path(tempfile.mkdtemp(prefix="cfjob-"))  # short: socket paths stay < 107 bytes
+    token = write_token_file(tmpdir / "auth")
     ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS)), strict=True))
     env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # jobs run the venv's python
         "HOME": str(tmpdir),
         "RAY_TMPDIR": str(tmpdir),
-        "RAY_AUTH_MODE": "disabled",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_USAGE_STATS_ENABLED": "0",
         "CELLFOUNDRY_SHARED": str(shared_dir()),
     }
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_TOKEN", None)
     cmd = [
         str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
         "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
@@ -142,7 +160,7 @@ def ray_cluster() -> Iterator[Cluster]:
     )
     cluster = Cluster(f"http://127.0.0.1:{ports['--dashboard-port']}", env, proc, tmpdir)
     try:
-        _wait_for_jobs_api(cluster.address, proc)
+        _wait_for_jobs_api(cluster.address, proc, token.read_text())
         yield cluster
     finally:
         _stop(cluster)
@@ -151,15 +169,16 @@ def ray_cluster() -> Iterator[Cluster]:
 
 
 def _submit(
-    cluster: Cluster, *entrypoint: str, timeout: float = 240
+    cluster: Cluster, *entrypoint: str, timeout: float = 240, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
     cmd = [
         str(BIN / "ray"), "job", "submit", "--address", cluster.address,
         "--working-dir", str(REPO_ROOT), "--runtime-env", str(RUNTIME_ENV), "--", *entrypoint,
     ]  # fmt: skip
     return subprocess.run(
-        cmd, env=cluster.env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout
-    )
+        cmd, env=env or cluster.env, cwd=REPO_ROOT, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
 
 
 def _last_json(text: str) -> dict:
@@ -207,3 +226,34 @@ def test_job_workers_import_cellfoundry_from_the_upload(ray_cluster: Cluster) ->
     for path in where.values():
         assert path.startswith(str(ray_cluster.tmpdir)), where
         assert path.endswith("platform/cellfoundry/__init__.py"), where
+
+
+def test_submission_without_the_token_is_refused(ray_cluster: Cluster, tmp_path: Path) -> None:
+    """Nothing runs for a client without the cluster's token (or with another one)."""
+    marker = tmp_path / "ran"
+    probe = f"open({str(marker)!r}, 'w').write('ran')"
+    other = write_token_file(tmp_path / "other")
+    for env in (
+        {k: v for k, v in ray_cluster.env.items() if k != "RAY_AUTH_TOKEN_PATH"},
+        {**ray_cluster.env, "RAY_AUTH_TOKEN_PATH": str(other)},
+    ):
+        done = _submit(ray_cluster, "python", "-c", probe, timeout=120, env=env)
+        assert done.returncode != 0, done.stdout[-2000:]
+        assert "auth" in (done.stdout + done.stderr).lower(), done.stderr[-2000:]
+    time.sleep(2)
+    assert not marker.exists()
+    assert _jobs_api(ray_cluster.address, None) == 401
+    assert _jobs_api(ray_cluster.address, other.read_text()) in (401, 403)
+
+
+def test_ray_start_cluster_listens_on_loopback_only(ray_cluster: Cluster) -> None:
+    import psutil
+
+    pids = set(_ours(ray_cluster.tmpdir)) | {ray_cluster.proc.pid}
+    found = [
+        (c.laddr.ip, c.laddr.port, c.pid)
+        for c in psutil.net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.pid in pids
+    ]
+    assert len(found) >= 5, found  # GCS, raylet, dashboard, agents
+    assert [s for s in found if s[0] not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")] == []

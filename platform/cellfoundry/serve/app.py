@@ -38,6 +38,7 @@ from cellfoundry.config import config_to_dict, parse_config
 from cellfoundry.config.serve import ServeJobConfig
 from cellfoundry.serve.body import parse_json, read_body
 from cellfoundry.serve.errors import RequestError, guard
+from cellfoundry.serve.listen import bind_replica_grpc_to_node_ip
 from cellfoundry.serve.tokenizer import CellTokenizer
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class CellModel:
     """A model replica: cell embeddings and perturbations with dynamic batching."""
 
     def __init__(self, config: dict[str, Any]) -> None:
+        bind_replica_grpc_to_node_ip()  # before Serve opens this replica's gRPC port
         from cellfoundry.infer.embed import Embedder
         from cellfoundry.serve.loading import load_encoder, serving_device
 
@@ -99,6 +101,7 @@ class Classifiers:
     """Fine-tuned classifiers, loaded on demand per name (``@serve.multiplexed``)."""
 
     def __init__(self, config: dict[str, Any]) -> None:
+        bind_replica_grpc_to_node_ip()  # before Serve opens this replica's gRPC port
         self.cfg = parse_config(ServeJobConfig, config)
 
     @serve.multiplexed(max_num_models_per_replica=4)
@@ -135,6 +138,7 @@ class Api:
     def __init__(
         self, model: Any, classifiers: Any, config: dict[str, Any], token_sha256: str | None
     ) -> None:
+        bind_replica_grpc_to_node_ip()  # before Serve opens this replica's gRPC port
         self.cfg = parse_config(ServeJobConfig, config)
         self.model, self.classifiers = model, classifiers
         self.token_sha256 = token_sha256

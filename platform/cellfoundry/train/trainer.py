@@ -147,7 +147,9 @@ def _fit(cfg: PretrainJobConfig) -> Any:
     """Run the TorchTrainer; returns Ray's ``Result``."""
     runtime.init_ray(cfg.ray)
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from cellfoundry.train.network import NodeBoundTorchConfig
 
     env = {
         k: v
@@ -157,7 +159,7 @@ def _fit(cfg: PretrainJobConfig) -> Any:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": config_to_dict(cfg)},
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        torch_config=NodeBoundTorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
