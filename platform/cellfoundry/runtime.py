@@ -154,8 +154,8 @@ def configure_data_context() -> None:
 def job_main(
     run: Callable[[str, list[str]], Any], doc: str | None, argv: Sequence[str] | None = None
 ) -> int:
-    """What a ``jobs/<stage>.py`` entrypoint does: parse ``--config FILE`` and repeated
-    ``--set KEY=VALUE``, set up logging, call ``run(config, overrides)`` and print its
+    """What a ``jobs/<stage>.py`` entrypoint does: parse ``--config FILE``, repeated
+    ``--set KEY=VALUE`` and ``--overwrite`` (as the CLI's), set up logging, call ``run(config, overrides)`` and print its
     JSON-able summary."""
     import argparse
     import json
@@ -167,7 +167,15 @@ def job_main(
     )
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="the output may replace an artifact of another kind (never other files)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     setup_logging()
-    print(json.dumps(run(args.config, args.set), indent=2, default=str))
+    from cellfoundry.artifacts import allow_overwrite
+
+    with allow_overwrite(args.overwrite):
+        summary = run(args.config, args.set)
+    print(json.dumps(summary, indent=2, default=str))
     return 0
