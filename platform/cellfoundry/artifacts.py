@@ -9,6 +9,28 @@ Outputs never destroy what cellfoundry did not write (:func:`check_output`), and
 output has one writer at a time (:func:`claim_output`, a lock file with owner and
 heartbeat, see :mod:`cellfoundry.locks`); temp folders of crashed runs are removed by
 the next run that claims the output.
+
+Object storage (``s3://bucket/prefix``; see :mod:`cellfoundry.storage`) has no rename, so
+there an artifact commits differently. The writer puts its data under a run-unique
+sub-prefix, ``<prefix>/cf-run-<12 hex>/``, and writes ``<prefix>/manifest.json`` last: that
+one PUT is the commit. The manifest names its sub-prefix (``"data"``) and lists every data
+object with its size (``"data_files"``); readers trust only the manifest
+(:func:`data_uri`, :func:`data_files`). Why a sub-prefix rather than the prefix itself:
+
+- a failed or killed rerun leaves the previous artifact whole and readable, as the local
+  rename does (its manifest still names its own sub-prefix);
+- a run's objects can never mix with another run's, even with a writer that lost its lock
+  and still writes;
+- what a crashed run left is recognisable without guessing: a ``cf-run-*`` sub-prefix that
+  the manifest does not name. The next run that holds the lock deletes those
+  (:func:`remove_orphans`), and nothing else: other objects under the prefix without a
+  manifest are someone's own, and the output is refused as a local folder would be.
+
+After the commit the previous artifact's sub-prefix is deleted. On S3 each output has one
+writer through a lock object with conditional writes (:class:`cellfoundry.locks.S3LockStore`),
+and claiming a remote output first checks that its bucket answers
+(:func:`cellfoundry.storage.check_reachable`), so a wrong bucket, credentials or endpoint
+fails before any work.
 """
 
 from __future__ import annotations
@@ -21,6 +43,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -30,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-from cellfoundry import __version__, locks
+from cellfoundry import __version__, locks, storage
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +69,28 @@ def _canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
+RUN_PREFIX = "cf-run-"
+"""Sub-prefix of one run's data in an object-store artifact: ``cf-run-<12 hex>``."""
+_RUN_RE = re.compile(r"^cf-run-[0-9a-f]{12}$")
+
+
+def _manifest_bytes(path: str | Path) -> bytes | None:
+    """The bytes of ``path``'s manifest, or None if it has none."""
+    if not storage.is_remote(path):
+        file = Path(path) / MANIFEST
+        return file.read_bytes() if file.is_file() else None
+    try:
+        return storage.read_bytes(storage.join(path, MANIFEST))
+    except FileNotFoundError:
+        return None
+
+
 def manifest_hash(path: str | Path) -> str:
     """SHA-256 of an artifact's manifest (identifies its content for downstream stages)."""
-    file = Path(path) / MANIFEST
-    if not file.is_file():
+    raw = _manifest_bytes(path)
+    if raw is None:
         raise ArtifactError(f"{path} is not a complete artifact: {MANIFEST} is missing")
-    return hashlib.sha256(file.read_bytes()).hexdigest()
+    return hashlib.sha256(raw).hexdigest()
 
 
 def fingerprint(kind: str, config: Any, inputs: Mapping[str, str | Path]) -> str:
@@ -67,11 +106,11 @@ def fingerprint(kind: str, config: Any, inputs: Mapping[str, str | Path]) -> str
 
 def read_manifest(path: str | Path, kind: str | None = None) -> dict[str, Any]:
     """Read ``manifest.json``; with ``kind``, check the artifact is of that kind."""
-    file = Path(path) / MANIFEST
-    if not file.is_file():
+    raw = _manifest_bytes(path)
+    if raw is None:
         hint = f" (run the stage that writes the {kind} artifact first)" if kind else ""
         raise ArtifactError(f"{path}: no {MANIFEST}, so this is not a complete artifact{hint}")
-    manifest = json.loads(file.read_text())
+    manifest = json.loads(raw)
     if kind is not None and manifest.get("kind") != kind:
         raise ArtifactError(
             f"{path}: is a {manifest.get('kind')!r} artifact, expected {kind!r}; check the path"
@@ -86,6 +125,32 @@ def reusable(path: str | Path, kind: str, fp: str) -> dict[str, Any] | None:
     except (ArtifactError, json.JSONDecodeError):
         return None
     return manifest if manifest.get("fingerprint") == fp else None
+
+
+def data_uri(path: str | Path) -> str:
+    """Where a complete artifact's data lives: ``path`` itself locally, the sub-prefix
+    its manifest names on object storage (:class:`ArtifactError` without a manifest)."""
+    if not storage.is_remote(path):
+        read_manifest(path)
+        return str(path)
+    manifest = read_manifest(path)
+    if "data" not in manifest:
+        raise ArtifactError(f"{path}: its {MANIFEST} names no data prefix; write it again")
+    return storage.join(path, manifest["data"])
+
+
+def data_files(path: str | Path, pattern: str = "*") -> list[str]:
+    """The data files of a complete artifact whose path relative to :func:`data_uri`
+    matches ``pattern`` (fnmatch), as paths or URIs in name order. On object storage only
+    the objects its manifest lists, so nothing a crashed or concurrent run left is read."""
+    import fnmatch
+
+    root = data_uri(path)
+    if storage.is_remote(path):
+        names = list(read_manifest(path).get("data_files", {}))
+    else:
+        names = [n for n in storage.list_files(root) if n != MANIFEST]
+    return [storage.join(root, n) for n in sorted(names) if fnmatch.fnmatch(n, pattern)]
 
 
 _OVERWRITE: ContextVar[bool] = ContextVar("cellfoundry_overwrite", default=False)
@@ -115,6 +180,8 @@ def check_output(path: str | Path, kind: str, *, overwrite: bool | None = None) 
     Anything else, a file or a folder without ``manifest.json`` (someone's own files), is
     never replaced.
     """
+    if storage.is_remote(path):
+        return _check_remote_output(storage.normalize(path), kind, overwrite)
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         return None
@@ -137,6 +204,55 @@ def check_output(path: str | Path, kind: str, *, overwrite: bool | None = None) 
         f"{path} exists and is {what} (no {MANIFEST}); cellfoundry never replaces files it "
         "did not write: choose another output path, or an empty or new folder"
     )
+
+
+def _check_remote_output(uri: str, kind: str, overwrite: bool | None) -> str | None:
+    """:func:`check_output` for a prefix on object storage."""
+    if storage.is_file(uri):
+        raise ArtifactError(
+            f"{uri} is an object (a file); cellfoundry never replaces files it did not "
+            "write: choose another output prefix"
+        )
+    children = storage.list_children(uri)
+    if MANIFEST in children:
+        try:
+            found = json.loads(storage.read_bytes(storage.join(uri, MANIFEST))).get("kind")
+        except (ValueError, AttributeError):
+            found = None
+        if found == kind or (_OVERWRITE.get() if overwrite is None else overwrite):
+            return str(found)
+        raise ArtifactError(
+            f"{uri} holds a {found!r} artifact, not a {kind!r} one; choose another output "
+            "path, or pass --overwrite to replace it"
+        )
+    foreign = sorted(n for n, is_dir in children.items() if not (is_dir and _RUN_RE.match(n)))
+    if not foreign:
+        return None
+    raise ArtifactError(
+        f"{uri} holds objects that are not a cellfoundry artifact (no {MANIFEST}; e.g. "
+        f"{foreign[:3]}); cellfoundry never replaces files it did not write: choose another "
+        "output prefix, or an empty or new one"
+    )
+
+
+def remove_orphans(uri: str) -> list[str]:
+    """Delete the ``cf-run-*`` sub-prefixes under ``uri`` that its manifest does not name:
+    what crashed or failed runs left. Only call it while holding the output's lock
+    (:func:`claim_output`). Returns the sub-prefixes removed."""
+    keep = None
+    raw = _manifest_bytes(uri)
+    if raw is not None:
+        with contextlib.suppress(ValueError, AttributeError):
+            keep = json.loads(raw).get("data")
+    removed = sorted(
+        n for n, is_dir in storage.list_children(uri).items()
+        if is_dir and _RUN_RE.match(n) and n != keep
+    )  # fmt: skip
+    for name in removed:
+        storage.delete_prefix(storage.join(uri, name))
+    if removed:
+        logger.warning("%s: removed what crashed runs left: %s", uri, removed)
+    return removed
 
 
 def remove_stale_temps(path: str | Path) -> list[Path]:
@@ -180,8 +296,18 @@ def claim_output(
     """Be the one writer of ``path`` for the block: take its lock (fails fast with
     :class:`ArtifactError` naming the other run if one holds it), remove temp folders of
     crashed runs and, with ``kind``, :func:`check_output`. Reentrant on this thread; with
-    ``join`` (the claim of the run that started this process) the lock is shared."""
-    path = Path(path).resolve()
+    ``join`` (the claim of the run that started this process) the lock is shared.
+
+    On object storage, first checks that the bucket answers
+    (:func:`cellfoundry.storage.check_reachable`) and the orphans of crashed runs are
+    removed (:func:`remove_orphans`)."""
+    remote = storage.is_remote(path)
+    path = storage.normalize(path) if remote else Path(path).resolve()
+    if remote and not locks.holds(path):
+        try:
+            storage.check_reachable(path)
+        except storage.StorageError as exc:
+            raise ArtifactError(str(exc)) from None
     owned_before = locks.holds(path)
     if overwrite is None:
         overwrite = join.overwrite if join is not None else _OVERWRITE.get()
@@ -192,7 +318,10 @@ def claim_output(
         raise ArtifactError(str(exc)) from None
     with stack:
         if not owned_before and join is None:
-            remove_stale_temps(path)
+            if remote:
+                remove_orphans(str(path))
+            else:
+                remove_stale_temps(path)
         found = check_output(path, kind, overwrite=overwrite) if kind is not None else None
         if found not in (None, kind):
             logger.warning(
@@ -230,8 +359,8 @@ def holds_output(
 class ArtifactWriter:
     """A directory being written; see :func:`write_artifact`."""
 
-    path: Path
-    tmp: Path
+    path: Path | str
+    tmp: Path | str  # local: a temp folder; object storage: the run's data sub-prefix URI
     kind: str
     config: Any
     inputs: dict[str, str]
@@ -240,9 +369,26 @@ class ArtifactWriter:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def remote(self) -> bool:
+        """Whether the artifact goes to object storage (write through :attr:`uri`)."""
+        return storage.is_remote(self.tmp)
+
+    @property
     def dir(self) -> Path:
-        """Where to write files (a temporary folder until the artifact is committed)."""
-        return self.tmp
+        """Where to write files (a temporary folder until the artifact is committed);
+        local artifacts only (object storage: :attr:`uri` and :mod:`cellfoundry.storage`)."""
+        if self.remote:
+            raise ArtifactError(
+                f"{self.path}: this step writes through local paths only; write it to a "
+                "local or mounted path (object storage is not wired for it yet)"
+            )
+        return Path(self.tmp)
+
+    @property
+    def uri(self) -> str:
+        """Where to write files, as a path or URI for :mod:`cellfoundry.storage` (a temp
+        folder, or the run's data sub-prefix on object storage)."""
+        return str(self.tmp)
 
     def manifest(self) -> dict[str, Any]:
         return {
@@ -278,8 +424,12 @@ def write_artifact(
     the folder renamed to ``path``, replacing the artifact there; on an exception the temp
     folder is removed and ``path`` left as it was.
     """
+    inputs = {k: storage.normalize(v) for k, v in (inputs or {}).items()}
+    if storage.is_remote(path):
+        with _write_remote(storage.normalize(path), kind, config, inputs, overwrite) as w:
+            yield w
+        return
     path = Path(path).resolve()
-    inputs = {k: str(Path(v).resolve()) for k, v in (inputs or {}).items()}
     with claim_output(path, kind, overwrite=overwrite) as claim:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -307,6 +457,45 @@ def write_artifact(
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _write_remote(
+    uri: str, kind: str, config: Any, inputs: dict[str, str], overwrite: bool | None
+) -> Iterator[ArtifactWriter]:
+    """:func:`write_artifact` on object storage: data under a new ``cf-run-*`` sub-prefix,
+    then the manifest (the commit), then the previous artifact's data is deleted."""
+    with claim_output(uri, kind, overwrite=overwrite) as claim:
+        run = f"{RUN_PREFIX}{uuid.uuid4().hex[:12]}"
+        data = storage.join(uri, run)
+        writer = ArtifactWriter(uri, data, kind, config, inputs, fingerprint(kind, config, inputs))
+        committed = False
+        try:
+            yield writer
+            manifest = {**writer.manifest(), "data": run, "data_files": storage.list_files(data)}
+            found = check_output(uri, kind, overwrite=claim.overwrite)  # changed meanwhile?
+            try:
+                locks.verify(uri)
+            except locks.LockHeldError as exc:
+                raise ArtifactError(str(exc)) from None
+            previous = None
+            if found is not None:
+                with contextlib.suppress(ValueError, AttributeError):
+                    previous = json.loads(_manifest_bytes(uri) or b"{}").get("data")
+                logger.info("replacing the %r artifact at %s", found, uri)
+            storage.write_text(
+                storage.join(uri, MANIFEST), json.dumps(manifest, indent=2, default=str)
+            )
+            committed = True
+            if previous and previous != run and _RUN_RE.match(str(previous)):
+                storage.delete_prefix(storage.join(uri, previous))
+            logger.info("wrote %s artifact %s", kind, uri)
+        finally:
+            if not committed:
+                try:
+                    storage.delete_prefix(data)
+                except (OSError, ValueError) as exc:  # the next run removes it (remove_orphans)
+                    logger.warning("%s: could not remove this run's data %s: %s", uri, data, exc)
 
 
 RUN_FINGERPRINT = "cellfoundry_fingerprint"

@@ -12,12 +12,16 @@ Holding is reentrant on the holding thread (a stage holds its output while
 Ray task that writes a fine-tuned model, joins the lock with the :class:`Lease` it was
 given instead of taking it.
 
-The owner/heartbeat logic needs only four operations on the lock file, the
-:class:`LockStore` protocol: create-if-absent, read, replace, remove-if-unchanged.
-:class:`LocalLockStore` implements them on a local or mounted filesystem (``link(2)``
-makes create-if-absent atomic). An object-storage store would use a conditional PUT
-(``If-None-Match: *``) to create and ``If-Match`` on the ETag to replace and delete; it is
-not built yet, because cellfoundry writes artifacts to local or mounted paths only.
+The owner/heartbeat logic needs only a few operations on the lock file, the
+:class:`LockStore` protocol: create-if-absent, read, replace-if-unchanged,
+remove-if-unchanged. :class:`LocalLockStore` implements them on a local or mounted
+filesystem (``link(2)`` makes create-if-absent atomic). :class:`S3LockStore` implements
+them on S3 with conditional requests (boto3; pyarrow has none): ``PutObject`` with
+``If-None-Match: *`` creates, ``If-Match: <ETag>`` replaces and deletes, so two runs never
+both hold the lock ``s3://bucket/<parent>/.<name>.lock``. AWS S3 evaluates these
+conditions atomically; moto's test server honours them too, though its check and write
+are not one atomic step under truly simultaneous requests. ``gs://`` outputs have no lock
+store yet (GCS would use ``ifGenerationMatch``): claiming one fails fast with a clear error.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from cellfoundry import storage
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +66,10 @@ class LockStore(Protocol):
 
     def replace(self, key: str, data: bytes) -> None:
         """Replace the bytes at ``key`` atomically (readers see the old or the new)."""
+
+    def replace_if(self, key: str, old: bytes, new: bytes) -> bool:
+        """Replace ``old`` at ``key`` with ``new``; False (nothing written) if ``key`` no
+        longer holds exactly ``old``."""
 
     def remove_if(self, key: str, data: bytes) -> bool:
         """Remove ``key`` only if it still holds exactly ``data``; True if removed."""
@@ -93,6 +103,12 @@ class LocalLockStore:
         tmp.write_bytes(data)
         os.replace(tmp, file)
 
+    def replace_if(self, key: str, old: bytes, new: bytes) -> bool:
+        if self.read(key) != old:
+            return False
+        self.replace(key, new)
+        return True
+
     def remove_if(self, key: str, data: bytes) -> bool:
         file = Path(key)
         aside = file.with_name(f"{file.name}.gone-{uuid.uuid4().hex[:8]}")
@@ -109,6 +125,60 @@ class LocalLockStore:
             return False
         finally:
             aside.unlink(missing_ok=True)
+
+
+class S3LockStore:
+    """:class:`LockStore` on S3 (or an S3-compatible server) with conditional requests.
+
+    Keys are ``s3://bucket/key`` URIs; the client comes from the AWS environment
+    (:func:`cellfoundry.storage.s3_client`). Transport errors are raised as ``OSError``.
+    """
+
+    @staticmethod
+    def _call(op: str, key: str, **kwargs: Any) -> Any:
+        """``op`` on the lock object; None if it does not exist, "conflict" if a
+        condition failed."""
+        import botocore.exceptions as bex
+
+        _, bucket, name = storage.split(key)
+        try:
+            return getattr(storage.s3_client(), op)(Bucket=bucket, Key=name, **kwargs)
+        except bex.ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("NoSuchKey", "404"):
+                return None
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+                return "conflict"
+            raise OSError(f"{key}: S3 {op} failed: {exc}") from None
+        except bex.BotoCoreError as exc:
+            raise OSError(f"{key}: S3 {op} failed: {exc}") from None
+
+    def _get(self, key: str) -> tuple[bytes, str] | None:
+        found = self._call("get_object", key)
+        return None if found is None else (found["Body"].read(), found["ETag"])
+
+    def create(self, key: str, data: bytes) -> bool:
+        return self._call("put_object", key, Body=data, IfNoneMatch="*") != "conflict"
+
+    def read(self, key: str) -> bytes | None:
+        found = self._get(key)
+        return None if found is None else found[0]
+
+    def replace(self, key: str, data: bytes) -> None:
+        self._call("put_object", key, Body=data)
+
+    def replace_if(self, key: str, old: bytes, new: bytes) -> bool:
+        found = self._get(key)
+        if found is None or found[0] != old:
+            return False
+        done = self._call("put_object", key, Body=new, IfMatch=found[1])
+        return done not in (None, "conflict")
+
+    def remove_if(self, key: str, data: bytes) -> bool:
+        found = self._get(key)
+        if found is None or found[0] != data:
+            return False
+        return self._call("delete_object", key, IfMatch=found[1]) not in (None, "conflict")
 
 
 @dataclass(frozen=True)
@@ -130,7 +200,8 @@ class _Held:
     lost: bool = False
 
 
-_STORE: LockStore = LocalLockStore()
+_LOCAL: LockStore = LocalLockStore()
+_S3: LockStore = S3LockStore()
 _GUARD = threading.Lock()
 _HELD: dict[str, _Held] = {}
 _BEAT: threading.Thread | None = None
@@ -147,9 +218,25 @@ os.register_at_fork(after_in_child=_after_fork)
 
 
 def lock_key(path: str | Path) -> str:
-    """The lock file of output ``path``: ``<parent>/.<name>.lock``."""
+    """The lock file of output ``path``: ``<parent>/.<name>.lock`` (a path or a URI)."""
+    if storage.is_remote(path):
+        if not storage.name(path):
+            raise storage.StorageError(f"{path}: an output needs a prefix below the bucket")
+        return storage.join(storage.parent(path), f".{storage.name(path)}.lock")
     path = Path(path)
     return str(path.parent / f".{path.name}.lock")
+
+
+def _store(key: str) -> LockStore:
+    """The lock store for ``key``: local, or S3 for ``s3://`` keys."""
+    if not storage.is_remote(key):
+        return _LOCAL
+    if storage.split(key)[0] == "s3":
+        return _S3
+    raise storage.StorageError(
+        f"{key}: cellfoundry cannot lock outputs on gs:// yet (no GCS lock store); write "
+        "to s3:// or a local or mounted path"
+    )
 
 
 def _record(token: str, started: float) -> bytes:
@@ -220,18 +307,18 @@ def _acquire(key: str, what: str) -> None:
     token, started = uuid.uuid4().hex, time.time()
     for _ in range(5):
         data = _record(token, started)
-        if _STORE.create(key, data):
+        if _store(key).create(key, data):
             _HELD[key] = _Held(token, threading.get_ident(), False, data, started)
             _start_heartbeat()
             return
-        raw = _STORE.read(key)
+        raw = _store(key).read(key)
         if raw is None:
             continue  # released meanwhile: try again
         info = _parse(raw)
         reason = _stale_reason(key, info)
         if reason is None:
             raise LockHeldError(_held_message(what, key, info))
-        if _STORE.remove_if(key, raw):
+        if _store(key).remove_if(key, raw):
             logger.warning(
                 "%s: took over the lock of a dead run (%s): %s", what, reason, describe(info)
             )
@@ -240,7 +327,7 @@ def _acquire(key: str, what: str) -> None:
 
 def _join(key: str, what: str, lease: Lease) -> None:
     """Share the lock of the run that gave ``lease`` (call with ``_GUARD`` held)."""
-    info = _parse(_STORE.read(key) or b"")
+    info = _parse(_store(key).read(key) or b"")
     if info.get("token") != lease.token:
         raise LockHeldError(
             f"{what}: the run that started this task no longer holds its lock {key} "
@@ -258,7 +345,7 @@ def _release(key: str, what: str) -> None:
         del _HELD[key]
         if held.joined:
             return
-        if held.lost or not _STORE.remove_if(key, held.data):
+        if held.lost or not _store(key).remove_if(key, held.data):
             logger.warning("%s: another run took over this run's lock %s meanwhile", what, key)
 
 
@@ -284,12 +371,11 @@ def _heartbeat() -> None:
                 return
             for key, held in owned.items():
                 try:
-                    if _STORE.read(key) != held.data:
+                    data = _record(held.token, held.started)
+                    if not _store(key).replace_if(key, held.data, data):
                         held.lost = True
                         logger.error("another run took over the lock %s of this run", key)
                         continue
-                    data = _record(held.token, held.started)
-                    _STORE.replace(key, data)
                     held.data = data
                 except OSError as exc:  # keep beating; a lock is only stale after a minute
                     logger.warning("heartbeat of %s failed: %s", key, exc)
@@ -300,7 +386,7 @@ def verify(path: str | Path) -> None:
     key = lock_key(path)
     with _GUARD:
         held = _HELD.get(key)
-    info = _parse(_STORE.read(key) or b"")
+    info = _parse(_store(key).read(key) or b"")
     if held is None or held.lost or info.get("token") != held.token:
         raise LockHeldError(
             f"{path}: this run lost its lock {key} to another run ({describe(info)}); "

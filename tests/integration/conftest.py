@@ -111,3 +111,7 @@ def tiny_model(pbmc_corpus: Any, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return save_checkpoint(
         model, tmp_path_factory.mktemp("tiny_model") / "model", token_dictionary=vocab
     )
+
+
+# moto's S3 server on 127.0.0.1 (session) and a per-test AWS environment pointing at it.
+from support.s3_server import s3, s3_server  # noqa: E402, F401
