@@ -1,8 +1,10 @@
-"""Stage 2 on a local Ray cluster: 2 CPU workers, DeepSpeed ZeRO, real PBMC tokens.
+"""Stage 2 on a local Ray cluster: 2 CPU workers, DeepSpeed ZeRO, real PBMC tokens
+streamed from the shards, 10% of cells held out for validation.
 
-One uninterrupted ZeRO-2 run is the reference: its loss goes down and its checkpoint loads
-with plain transformers. A run stopped after 10 steps, resumed, and hit by a worker failure
-must reproduce the reference's per-step loss; ZeRO-1 and ZeRO-3 reproduce its first steps.
+One uninterrupted ZeRO-2 run is the reference: its training and validation losses go down
+and its checkpoint loads with plain transformers. A run stopped after 10 steps, resumed,
+and hit by a worker failure must reproduce the reference's per-step loss and its
+validation losses; ZeRO-1 and ZeRO-3 reproduce its first steps.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from cellfoundry.train import FAIL_ONCE_ENV, PretrainResult, run_pretrain
 from cellfoundry.train.checkpoint import verify_training_state
 from cellfoundry.train.metrics import read_rows
 
-STEPS, CHECKPOINT_EVERY = 30, 10
+STEPS, CHECKPOINT_EVERY, EVAL_EVERY = 30, 10, 10
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -65,7 +67,8 @@ def tokens(
 def make_cfg(tokens: Path, root: Path, name: str, *overrides: str) -> PretrainJobConfig:
     """A 2-layer, 64-wide BERT on 2 CPU workers (ZeRO-2), 8 cells x 64 tokens per worker."""
     data = {
-        "data": {"tokenized": str(tokens), "token_dictionary": "{shared}/geneformer/v2", "max_length": 64, "batch_size": 8},
+        "data": {"tokenized": str(tokens), "token_dictionary": "{shared}/geneformer/v2", "max_length": 64, "batch_size": 8,
+                 "validation": {"fraction": 0.1, "batches": 2}},
         "model": {"preset": "tiny", "overrides": {"hidden_size": 64, "num_attention_heads": 1, "intermediate_size": 128,
                                                   "max_position_embeddings": 64}},
         "optim": {"lr": 2e-3, "warmup_ratio": 0.1, "max_steps": STEPS},
@@ -73,6 +76,7 @@ def make_cfg(tokens: Path, root: Path, name: str, *overrides: str) -> PretrainJo
         "scaling": {"num_workers": 2, "resources_per_worker": {"CPU": 1}},
         "checkpoint_every": CHECKPOINT_EVERY,
         "log_every": 1,
+        "eval_every": EVAL_EVERY,
         "tracking": {"tensorboard": False, "mlflow": False},
         "output_dir": str(root / name),
     }  # fmt: skip
@@ -80,8 +84,10 @@ def make_cfg(tokens: Path, root: Path, name: str, *overrides: str) -> PretrainJo
 
 
 def losses(result: PretrainResult) -> dict[int, dict[str, float]]:
+    """Per step: loss, accuracy, lr, and val_loss / val_accuracy where validated."""
+    keys = ("loss", "accuracy", "lr", "val_loss", "val_accuracy")
     return {
-        int(r["step"]): {k: float(r[k]) for k in ("loss", "accuracy", "lr")}
+        int(r["step"]): {k: float(r[k]) for k in keys if r[k]}
         for r in read_rows(result.metrics_csv)
     }
 
@@ -121,10 +127,17 @@ def test_smoke_run_learns_and_checkpoint_loads(
     last = sum(rows[s]["loss"] for s in range(STEPS - 4, STEPS + 1)) / 5
     assert last < first - 0.3, (first, last)
     assert result.final_loss == pytest.approx(rows[STEPS]["loss"])
+    # held-out cells: scored every EVAL_EVERY steps, and the model improves on them too
+    val = {step: row["val_loss"] for step, row in rows.items() if "val_loss" in row}
+    assert sorted(val) == list(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY))
+    assert val[STEPS] < val[EVAL_EVERY], val
+    assert result.final_val_loss == pytest.approx(val[STEPS])
 
     model_dir = result.model_dir
     manifest = json.loads((model_dir / "manifest.json").read_text())
     assert manifest["kind"] == "model" and manifest["counts"]["steps"] == STEPS
+    counts = manifest["counts"]
+    assert 0.05 < counts["validation_cells"] / (counts["cells"] + counts["validation_cells"]) < 0.15
     assert manifest["inputs"]["tokenized"]["path"] == cfg.data.tokenized
     assert {
         "config.json",
@@ -163,7 +176,8 @@ def test_resume_and_worker_failure_reproduce_the_reference(
     got, want = losses(resumed), losses(ref)
     assert sorted(got) == sorted(want)
     for step in want:
-        for key in ("loss", "accuracy", "lr"):
+        assert sorted(got[step]) == sorted(want[step]), step
+        for key in want[step]:  # validation steps included
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-5, abs=1e-7), (step, key)
 
 

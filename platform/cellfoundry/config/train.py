@@ -26,12 +26,57 @@ class ModelConfig:
     ``vocab_size`` and ``pad_token_id`` always come from the token dictionary."""
 
 
+def _local_or_uri(path: str) -> str:
+    """``path`` with ``{shared}``/``~``/``$VARS`` expanded and made absolute (Ray workers do
+    not run in the driver's working directory); a URI (``s3://...``) is kept as it is."""
+    return path if "://" in path else os.path.abspath(expand(path))
+
+
+@dataclass
+class ValidationConfig:
+    """Held-out cells whose masked-gene loss is logged as ``val_loss`` / ``val_accuracy``."""
+
+    fraction: float = 0.0
+    """Share of ``data.tokenized``'s cells held out, chosen by a hash of their ``cell_id``:
+    the same cells on every run, rank and seed, never trained on. 0: none."""
+    tokenized: str | None = None
+    """Or a separate tokenized artifact (local folder or URI) whose cells (after
+    ``data.exclude``) form the validation set."""
+    batches: int = 8
+    """Micro-batches per worker per evaluation (fewer when the held-out set is smaller);
+    the same cells and the same masks at every evaluation."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction < 1.0:
+            raise ValueError("data.validation.fraction must lie in [0, 1) (e.g. 0.01)")
+        if self.tokenized is not None:
+            if self.fraction > 0:
+                raise ValueError(
+                    "data.validation: set either fraction (cells held out of data.tokenized) "
+                    "or tokenized (a separate artifact), not both"
+                )
+            self.tokenized = _local_or_uri(self.tokenized)
+        if self.batches < 1:
+            raise ValueError("data.validation.batches must be >= 1")
+
+    @property
+    def enabled(self) -> bool:
+        """True when some cells are held out for validation."""
+        return self.fraction > 0 or self.tokenized is not None
+
+
 @dataclass
 class DataConfig:
-    """Tokenized cells (stage 1's ``tokenized`` artifact) and how they are batched."""
+    """Tokenized cells (stage 1's ``tokenized`` artifact) and how each worker streams them.
+
+    No worker holds the corpus: each reads only its share of blocks (slices of Parquet row
+    groups) through a window of ``batch_size x megabatch_mult`` cells (see
+    ``cellfoundry.train.stream``).
+    """
 
     tokenized: str
-    """Folder of ``part-*.parquet`` shards (``input_ids`` list<int32>, ``length``)."""
+    """Folder of ``part-*.parquet`` shards (``input_ids`` list<int32>, ``length``): a local
+    path or a URI pyarrow can open (``s3://bucket/tokenized``)."""
     token_dictionary: str | None = None
     """token_dictionary .json/.pkl, or a folder holding one (a ``vocabulary`` artifact or a
     Geneformer dictionary folder such as "{shared}/geneformer/v2"). Default: the
@@ -43,28 +88,39 @@ class DataConfig:
     batch_size: int = 8
     """Cells per micro-batch per worker (DeepSpeed's train_micro_batch_size_per_gpu)."""
     group_by_length: bool = True
-    """Batches of cells of similar length (less padding); false: plain random batches."""
+    """Batches of cells of similar length within each window (less padding); false: plain
+    random batches of the window."""
     megabatch_mult: int = 50
-    """Length grouping sorts windows of batch_size x workers x this many cells."""
+    """Each worker streams its cells through a window of batch_size x this many cells: the
+    shuffle buffer and the length-grouping window. Memory per worker ~ window x max_length
+    x 4 bytes, whatever the corpus size."""
+    block_rows: int = 256
+    """Cells per read block. Row groups are cut into blocks of at most this many rows; each
+    epoch shuffles the blocks and gives every worker a contiguous run of them. Smaller
+    blocks mix more datasets into a window; shards written with row groups of a few
+    thousand cells keep each block read cheap."""
     mlm_probability: float = 0.15
     """Share of gene tokens to predict per cell (80% <mask>, 10% random gene, 10% kept)."""
     pad_to_multiple_of: int = 8
     """Padded length is rounded up to a multiple of this (tensor-core friendly)."""
     exclude: dict[str, list[str]] = field(default_factory=dict)
-    """Metadata column -> values whose cells are left out of pretraining, e.g.
-    ``{split: [test]}`` keeps the cells a later evaluation holds out unseen."""
+    """Metadata column -> values whose cells are left out of pretraining and validation,
+    e.g. ``{split: [test]}`` keeps the cells a later evaluation holds out unseen."""
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    """Held-out cells for the validation loss (evaluated every ``eval_every`` steps)."""
 
     def __post_init__(self) -> None:
-        # absolute: Ray workers do not run in the driver's working directory
-        self.tokenized = os.path.abspath(expand(self.tokenized))
+        self.tokenized = _local_or_uri(self.tokenized)
         if self.token_dictionary is not None:
-            self.token_dictionary = os.path.abspath(expand(self.token_dictionary))
+            self.token_dictionary = _local_or_uri(self.token_dictionary)
         if self.max_length is not None and self.max_length < 3:
             raise ValueError("data.max_length must be >= 3 (or null for the model's maximum)")
         if self.batch_size < 1:
             raise ValueError("data.batch_size must be >= 1")
         if self.megabatch_mult < 1:
             raise ValueError("data.megabatch_mult must be >= 1 (50 is a good default)")
+        if self.block_rows < 1:
+            raise ValueError("data.block_rows must be >= 1 (256 is a good default)")
         if not 0.0 < self.mlm_probability < 1.0:
             raise ValueError("data.mlm_probability must lie in (0, 1); Geneformer uses 0.15")
         if self.pad_to_multiple_of < 1:
@@ -236,6 +292,9 @@ class PretrainJobConfig:
     """Optimizer steps between checkpoints (one is always written at the end)."""
     log_every: int = 10
     """Optimizer steps between metric rows (loss, accuracy, LR, tokens/s, MFU)."""
+    eval_every: int = 100
+    """Optimizer steps between validation losses (and one at the last step); used when
+    ``data.validation`` holds cells out. Its rows carry ``val_loss`` beside ``loss``."""
     seed: int = 0
     """Initial weights, data order, masks and dropout are functions of (seed, step, rank)."""
     stop_at_step: int | None = None
@@ -254,7 +313,9 @@ class PretrainJobConfig:
                 )
             self.tracking.log_dir = os.path.join(self.run.storage_path, self.run.name, "logs")
         self.tracking.log_dir = os.path.abspath(self.tracking.log_dir)
-        if self.checkpoint_every < 1 or self.log_every < 1:
-            raise ValueError("checkpoint_every and log_every must be >= 1 (optimizer steps)")
+        if self.checkpoint_every < 1 or self.log_every < 1 or self.eval_every < 1:
+            raise ValueError(
+                "checkpoint_every, log_every and eval_every must be >= 1 (optimizer steps)"
+            )
         if self.stop_at_step is not None and self.stop_at_step < 1:
             raise ValueError("stop_at_step must be >= 1, or null to train to the end")

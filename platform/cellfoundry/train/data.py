@@ -1,30 +1,31 @@
-"""Pretraining data: token shards in memory, and each rank's masked micro-batches.
+"""Pretraining data helpers: seeds, the token dictionary, which rows a stream uses.
 
-Everything a micro-batch holds (which cells, which positions are masked and what replaces
-them) is a pure function of ``(seed, epoch, micro-batch index, rank)``, so a run resumed
-from a checkpoint sees exactly the batches an uninterrupted run would have seen.
+:class:`RowFilter` decides, per shard row, whether a stream (training or validation) uses
+it: ``data.exclude`` leaves cells out of both, and a validation ``fraction`` splits the
+rest by :func:`stable_hash` of ``cell_id``, so the same cells are held out on every run,
+rank and machine. The streams themselves are in :mod:`cellfoundry.train.stream`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
-import torch
 
 from cellfoundry.config.train import DataConfig
 from cellfoundry.genes.vocab import load_token_dictionary
-from cellfoundry.model import LengthGroupedBatches, MaskingCollator
 
 logger = logging.getLogger(__name__)
 
 TOKEN_DICTIONARY_FILE = "token_dictionary.json"
+#: The column whose hash chooses validation cells.
+CELL_ID = "cell_id"
 
 
 def derive_seed(seed: int, *keys: int) -> int:
@@ -41,6 +42,11 @@ def resolve_token_dictionary(data: DataConfig) -> tuple[Path, dict[str, int]]:
     ``vocabulary`` artifact beside the tokenized one is used.
     """
     given = data.token_dictionary
+    if given is None and "://" in data.tokenized:
+        raise ValueError(
+            f"data.token_dictionary is not set and data.tokenized {data.tokenized} is a URI: "
+            "set data.token_dictionary to a local vocabulary folder or dictionary file"
+        )
     if given is None:
         path = Path(data.tokenized).parent / "vocabulary" / TOKEN_DICTIONARY_FILE
         if not path.is_file():
@@ -67,28 +73,6 @@ def resolve_token_dictionary(data: DataConfig) -> tuple[Path, dict[str, int]]:
     return path, load_token_dictionary(path)
 
 
-@dataclass(frozen=True)
-class TokenCorpus:
-    """All cells of a tokenized artifact as one flat array (CSR layout)."""
-
-    offsets: np.ndarray
-    """int64 [n_cells + 1]: cell i is ``tokens[offsets[i]:offsets[i + 1]]``."""
-    tokens: np.ndarray
-    """int32 [n_tokens]."""
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    @property
-    def lengths(self) -> np.ndarray:
-        """int64 [n_cells]: tokens per cell."""
-        return np.diff(self.offsets)
-
-    def row(self, i: int) -> np.ndarray:
-        """Tokens of cell ``i`` (a view)."""
-        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
-
-
 def shard_files(directory: str | Path, *, field: str = "data.tokenized") -> list[Path]:
     """The ``part-*.parquet`` shards of a tokenized artifact, in name order; ``field`` is
     the config key named in the error."""
@@ -101,68 +85,6 @@ def shard_files(directory: str | Path, *, field: str = "data.tokenized") -> list
     return files
 
 
-def _kept(table: pa.Table, exclude: dict[str, list[str]] | None) -> pa.Array | None:
-    """Boolean mask of the rows of one shard that ``exclude`` keeps (None: all)."""
-    if not exclude:
-        return None
-    keep = pa.array(np.ones(table.num_rows, dtype=bool))
-    for column, values in exclude.items():
-        hit = pc.is_in(table[column].cast(pa.string()), value_set=pa.array(values, pa.string()))
-        keep = pc.and_(keep, pc.invert(pc.fill_null(hit, False)))
-    return keep
-
-
-def _read(path: Path, columns: list[str]) -> pa.Table:
-    names = pq.read_schema(path).names
-    missing = [c for c in columns if c not in names]
-    if missing:
-        raise ValueError(
-            f"data.exclude: {path} has no column {missing[0]!r}; its columns are {names}: fix "
-            "the column name or drop it from data.exclude"
-        )
-    return pq.read_table(path, columns=columns)
-
-
-def _read_shards(directory: str | Path, exclude: dict[str, list[str]] | None) -> Iterator[pa.Table]:
-    for f in shard_files(directory):
-        table = _read(f, ["input_ids", *(exclude or {})])
-        keep = _kept(table, exclude)
-        yield table if keep is None else table.filter(keep)
-
-
-def load_token_corpus(
-    directory: str | Path, exclude: dict[str, list[str]] | None = None
-) -> TokenCorpus:
-    """Read the ``input_ids`` of every shard (in name order) into a :class:`TokenCorpus`,
-    leaving out cells whose metadata ``exclude`` names (column -> values).
-
-    Memory: 4 bytes per token plus 8 per cell, in every worker.
-    """
-    column = pa.chunked_array(
-        [t["input_ids"] for t in _read_shards(directory, exclude)], type=pa.list_(pa.int32())
-    )
-    lengths = pc.list_value_length(column).fill_null(0).to_numpy(zero_copy_only=False)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    tokens = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
-    if len(offsets) == 1:
-        raise ValueError(f"data.tokenized: {directory} holds no cells (after data.exclude)")
-    return TokenCorpus(offsets, tokens)
-
-
-def count_cells(directory: str | Path, exclude: dict[str, list[str]] | None = None) -> int:
-    """Cells in a tokenized artifact: from the Parquet footers (reads no data), or, with
-    ``exclude``, by reading only the named metadata columns."""
-    if not exclude:
-        return sum(pq.ParquetFile(f).metadata.num_rows for f in shard_files(directory))
-    total = 0
-    for f in shard_files(directory):
-        table = _read(f, list(exclude))
-        keep = _kept(table, exclude)
-        total += int(pc.sum(keep).as_py() or 0) if keep is not None else table.num_rows
-    return total
-
-
 def truncate(row: np.ndarray, max_length: int, eos_id: int | None) -> np.ndarray:
     """The first ``max_length`` tokens of ``row``; a row that ended with ``<eos>`` keeps it,
     as if it had been tokenized with ``model_input_size = max_length``."""
@@ -173,67 +95,89 @@ def truncate(row: np.ndarray, max_length: int, eos_id: int | None) -> np.ndarray
     return row[:max_length]
 
 
-class PretrainBatches:
-    """The masked micro-batches of one rank; micro-batch ``m`` (counted over the whole run)
-    belongs to epoch ``m // micro_per_epoch``.
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_GOLDEN, _PRIME = np.uint64(0x9E3779B97F4A7C15), np.uint64(0x100000001B3)
 
-    Rows come from :class:`cellfoundry.model.LengthGroupedBatches` with ``drop_last`` (every
-    rank gets the same number of equally long batches); masks come from a
-    :class:`cellfoundry.model.MaskingCollator` whose generator is seeded per (rank, micro-batch).
-    """
 
-    def __init__(
-        self,
-        corpus: TokenCorpus,
-        token_dictionary: dict[str, int],
-        data: DataConfig,
-        *,
-        max_length: int,
-        seed: int,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        self.corpus, self.max_length, self.seed, self.rank = corpus, max_length, seed, rank
-        self.eos_id = token_dictionary.get("<eos>")
-        self.sampler = LengthGroupedBatches(
-            np.minimum(corpus.lengths, max_length),
-            data.batch_size,
-            seed=seed,
-            megabatch_mult=data.megabatch_mult if data.group_by_length else 1,
-            drop_last=True,
-            num_replicas=world_size,
-            rank=rank,
-        )
-        self.micro_per_epoch = len(self.sampler)
-        if self.micro_per_epoch == 0:
+def stable_hash(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """uint64 [n]: a hash of each string's UTF-8 bytes (null = ""), the same on every
+    machine, process and version of Python (a polynomial hash finished with splitmix64)."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks() if values.num_chunks else pa.array([], pa.string())
+    arr = pc.fill_null(values.cast(pa.large_string()), "")
+    n = len(arr)
+    offsets = np.frombuffer(arr.buffers()[1], np.int64, count=n + 1, offset=arr.offset * 8)
+    data = arr.buffers()[2]
+    raw = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+    lengths = np.diff(offsets)
+    sums = np.zeros(n, np.uint64)
+    with np.errstate(over="ignore"):
+        if n and lengths.max() > 0:
+            positions = np.arange(offsets[0], offsets[-1])
+            ends = np.repeat(offsets[1:], lengths)
+            powers = np.ones(int(lengths.max()), np.uint64)  # PRIME ** k (mod 2 ** 64)
+            powers[1:] = np.cumprod(np.full(len(powers) - 1, _PRIME, np.uint64))
+            terms = raw[positions].astype(np.uint64) * powers[ends - 1 - positions]
+            nonempty = lengths > 0
+            sums[nonempty] = np.add.reduceat(terms, offsets[:-1][nonempty] - offsets[0])
+        z = sums ^ ((lengths.astype(np.uint64) + np.uint64(1)) * _GOLDEN)
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        return z ^ (z >> np.uint64(31))
+
+
+def hash_fraction(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """float64 [n] in [0, 1): :func:`stable_hash` as a uniform number; cells below a
+    fraction ``f`` are the held-out ``f`` (raising ``f`` only adds cells)."""
+    return (stable_hash(values) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+@dataclass(frozen=True)
+class RowFilter:
+    """Which rows of a tokenized shard a stream uses."""
+
+    exclude: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    """Metadata column -> values left out (``data.exclude``)."""
+    holdout: float = 0.0
+    """Share of cells held out for validation, by :func:`hash_fraction` of ``cell_id``."""
+    side: Literal["train", "validation"] = "train"
+    """With ``holdout``: train keeps the other cells, validation the held-out ones."""
+
+    @classmethod
+    def for_stream(cls, data: DataConfig, side: Literal["train", "validation"]) -> RowFilter:
+        """The filter of the ``side`` stream of ``data`` (a separate validation artifact
+        holds out nothing: all its cells, less ``exclude``, are validation cells)."""
+        holdout = data.validation.fraction if data.validation.tokenized is None else 0.0
+        return cls(dict(data.exclude), holdout, side)
+
+    @property
+    def columns(self) -> list[str]:
+        """Metadata columns the filter reads (empty: every row is used)."""
+        return [*self.exclude, *([CELL_ID] if self.holdout > 0 else [])]
+
+    def check(self, names: Sequence[str], where: str) -> None:
+        """Raise a ValueError naming the fix when a shard lacks a column the filter needs."""
+        for column in self.exclude:
+            if column not in names:
+                raise ValueError(
+                    f"data.exclude: {where} has no column {column!r}; its columns are "
+                    f"{list(names)}: fix the column name or drop it from data.exclude"
+                )
+        if self.holdout > 0 and CELL_ID not in names:
             raise ValueError(
-                f"data.tokenized has {len(corpus)} cells, fewer than one global batch "
-                f"(data.batch_size {data.batch_size} x {world_size} workers); lower data.batch_size"
+                f"data.validation.fraction: {where} has no {CELL_ID!r} column to hold cells "
+                "out by; set data.validation.tokenized to a separate artifact instead"
             )
-        self._collator_kwargs = {
-            "mlm_probability": data.mlm_probability,
-            "max_length": max_length,
-            "pad_to_multiple_of": data.pad_to_multiple_of,
-        }
-        self.token_dictionary = token_dictionary
-        self._epoch: int | None = None
-        self._batches: list[list[int]] = []
 
-    def rows(self, micro: int) -> list[int]:
-        """Cell indices of micro-batch ``micro`` of this rank."""
-        epoch, position = divmod(micro, self.micro_per_epoch)
-        if epoch != self._epoch:
-            self.sampler.set_epoch(epoch)
-            self._batches, self._epoch = list(self.sampler), epoch
-        return self._batches[position]
-
-    def batch(self, micro: int) -> dict[str, torch.Tensor]:
-        """``input_ids``, ``attention_mask``, ``labels``: int64 (batch_size, padded length)."""
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, 1, self.rank, micro))
-        collator = MaskingCollator.for_token_dictionary(
-            self.token_dictionary, generator=generator, **self._collator_kwargs
-        )
-        rows = [
-            truncate(self.corpus.row(i), self.max_length, self.eos_id) for i in self.rows(micro)
-        ]
-        return collator(rows)
+    def mask(self, table: pa.Table) -> np.ndarray | None:
+        """bool [rows]: rows of ``table`` the stream uses (None: all of them)."""
+        if not self.columns:
+            return None
+        keep = np.ones(table.num_rows, dtype=bool)
+        for column, values in self.exclude.items():
+            hit = pc.is_in(table[column].cast(pa.string()), value_set=pa.array(values, pa.string()))
+            keep &= ~pc.fill_null(hit, False).to_numpy(zero_copy_only=False)
+        if self.holdout > 0:
+            held = hash_fraction(table[CELL_ID].cast(pa.string())) < self.holdout
+            keep &= held if self.side == "validation" else ~held
+        return keep

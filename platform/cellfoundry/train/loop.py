@@ -4,7 +4,11 @@ It reads only its config. Resuming: Ray Train hands the latest checkpoint of the
 ``ray.train.get_checkpoint()`` both after a worker failure (``FailureConfig``) and when a
 run is started again with the same name and storage path; the loop restores the DeepSpeed
 engine from it and continues at the next step, with the same batches, masks and dropout
-an uninterrupted run would have used.
+an uninterrupted run would have used. Its data position is the step alone: each rank
+streams its share of the shards (``cellfoundry.train.stream``) and a resumed run reads only
+the window it resumes in. With ``data.validation``, every ``eval_every`` steps (and at the
+last step) all ranks score the same held-out micro-batches and rank 0 logs ``val_loss`` and
+``val_accuracy`` in the row of that step.
 """
 
 from __future__ import annotations
@@ -77,8 +81,29 @@ class Window:
         return dict(zip(self.FIELDS, self.sums.tolist(), strict=True))
 
 
+@torch.no_grad()
+def evaluate(
+    engine: Any, batches: list[dict[str, torch.Tensor]], device: torch.device
+) -> dict[str, float]:
+    """``val_loss`` (cross-entropy averaged over every masked token of ``batches`` on all
+    ranks) and ``val_accuracy``; a collective. Eval mode (no dropout), no RNG drawn."""
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss x masked, correct, masked
+    engine.eval()
+    for batch in batches:
+        out = engine(**{k: v.to(device) for k, v in batch.items()})
+        masked = out.n_masked.double()
+        sums += torch.stack([out.loss.double() * masked, out.n_correct.double(), masked])
+    engine.train()
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+    loss_sum, correct, masked = sums.tolist()
+    return {"val_loss": loss_sum / max(masked, 1.0), "val_accuracy": correct / max(masked, 1.0)}
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Pretrain on this worker. ``config``: ``{"job": config_to_dict(PretrainJobConfig)}``."""
+    """Pretrain on this worker. ``config``: ``{"job": config_to_dict(PretrainJobConfig)}``,
+    optionally ``"indexes"``: the driver's ``RunSpec.indexes_state()`` (else each worker
+    indexes the shards itself, with the same result)."""
     import ray.train
     import ray.train.torch
 
@@ -94,9 +119,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         for note in settings.notes:
             logger.warning(note)
-    run = prepare_run(cfg, rank=rank, world_size=world)
+    run = prepare_run(cfg, rank=rank, world_size=world, indexes=config.get("indexes"))
     plan, batches = run.plan, run.batches
     assert batches is not None
+    # the same cells and masks at every evaluation: a few micro-batches, kept in memory
+    held_out = None
+    if run.validation is not None:
+        held_out = [run.validation.batch(i) for i in range(run.validation_batches)]
 
     model = build_model(run.model_config, seed=cfg.seed).to(device)
     objective = MaskedLMObjective(model)
@@ -129,6 +158,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "total_steps": plan.total_steps,
                 "warmup_steps": plan.warmup_steps,
                 "world_size": world,
+                "train_cells": run.n_cells,
+                "validation_cells": run.validation_index.total if run.validation_index else 0,
             }
         )
         metrics_log = MetricsLogger(
@@ -151,7 +182,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             window.add(out, batch["attention_mask"])
         done = step + 1
         save_now = done % cfg.checkpoint_every == 0 or done == end
-        if done % cfg.log_every == 0 or save_now:
+        eval_now = held_out is not None and (done % cfg.eval_every == 0 or done == plan.total_steps)
+        if done % cfg.log_every == 0 or save_now or eval_now:
             elapsed = time.perf_counter() - window.started
             sums = window.reduce()
             flops = training_flops(
@@ -171,13 +203,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "mfu": flops / (elapsed * world * peak) if peak else None,
                 "elapsed_s": elapsed,
             }
+            if eval_now:
+                assert held_out is not None
+                last.update(evaluate(engine, held_out, device))
             if metrics_log is not None:
                 metrics_log.log(last)
                 logger.info(
-                    "step %d/%d loss %.4f acc %.4f lr %.3g %.0f tokens/s", done, plan.total_steps,
-                    last["loss"], last["accuracy"], lr, last["tokens_per_s"],
+                    "step %d/%d loss %.4f acc %.4f lr %.3g %.0f tokens/s%s", done,
+                    plan.total_steps, last["loss"], last["accuracy"], lr, last["tokens_per_s"],
+                    f" val_loss {last['val_loss']:.4f}" if eval_now else "",
                 )  # fmt: skip
-            window = Window(device)
+            window = Window(device)  # evaluation time is not training time
         if save_now:
             state["step"] = done
             _save_and_report(

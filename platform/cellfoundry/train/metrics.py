@@ -21,7 +21,7 @@ from cellfoundry.config.train import TrackingConfig
 logger = logging.getLogger(__name__)
 
 COLUMNS = [
-    "step", "epoch", "loss", "accuracy", "lr", "grad_norm", "tokens", "tokens_per_s",
+    "step", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "grad_norm", "tokens", "tokens_per_s",
     "tflops_per_s", "mfu", "elapsed_s",
 ]  # fmt: skip
 CSV_FILE, PNG_FILE, MLFLOW_RUN_FILE = "metrics.csv", "loss_curve.png", "mlflow_run_id"
@@ -53,7 +53,8 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 
 def plot_loss_curve(csv_path: Path, png_path: Path) -> Path | None:
-    """Loss and masked-gene accuracy against step, as a PNG (None without rows)."""
+    """Loss and masked-gene accuracy against step, training and (where evaluated)
+    validation, as a PNG (None without rows)."""
     rows = read_rows(csv_path)
     if not rows:
         return None
@@ -69,6 +70,13 @@ def plot_loss_curve(csv_path: Path, png_path: Path) -> Path | None:
     ax.set_ylabel("masked-gene loss (cross-entropy)")
     acc = ax.twinx()
     acc.plot(steps, [float(r["accuracy"]) for r in rows], color="tab:orange", label="accuracy")
+    val = [r for r in rows if r.get("val_loss")]
+    if val:
+        val_steps = [int(r["step"]) for r in val]
+        ax.plot(val_steps, [float(r["val_loss"]) for r in val], "o--", color="tab:blue",
+                markersize=3, label="validation loss")  # fmt: skip
+        acc.plot(val_steps, [float(r["val_accuracy"]) for r in val], "o--", color="tab:orange",
+                 markersize=3, label="validation accuracy")  # fmt: skip
     acc.set_ylabel("masked-gene accuracy")
     fig.legend(loc="center right")
     fig.tight_layout()
@@ -166,7 +174,8 @@ class MetricsLogger:
         values = {k: float(v) for k, v in row.items() if k not in ("step",) and v is not None}
         if self.tensorboard is not None:
             for key, value in values.items():
-                self.tensorboard.add_scalar(f"train/{key}", value, step)
+                tag = f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
+                self.tensorboard.add_scalar(tag, value, step)
             self.tensorboard.flush()
         if self.mlflow is not None:
             from mlflow.entities import Metric

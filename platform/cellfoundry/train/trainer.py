@@ -36,6 +36,8 @@ class PretrainResult:
     final_loss: float
     """Masked-gene loss of the last metric window (mean over ranks)."""
     final_accuracy: float
+    final_val_loss: float | None
+    """Validation loss at the last step (None without ``data.validation``)."""
     steps: int
     """Optimizer steps done so far."""
     total_steps: int
@@ -76,6 +78,8 @@ def _inputs(cfg: PretrainJobConfig, spec: RunSpec) -> dict[str, str]:
         "tokenized": Path(cfg.data.tokenized),
         "vocabulary": spec.token_dictionary_path.parent,
     }
+    if cfg.data.validation.tokenized is not None:
+        candidates["validation"] = Path(cfg.data.validation.tokenized)
     return {k: str(p) for k, p in candidates.items() if (p / artifacts.MANIFEST).is_file()}
 
 
@@ -85,6 +89,7 @@ def _result(cfg: PretrainJobConfig, metrics: dict[str, Any], **kwargs: Any) -> P
     return PretrainResult(
         final_loss=float(metrics.get("loss", float("nan"))),
         final_accuracy=float(metrics.get("accuracy", float("nan"))),
+        final_val_loss=float(metrics["val_loss"]) if "val_loss" in metrics else None,
         steps=int(metrics.get("step", 0)),
         total_steps=int(metrics.get("total_steps", 0)),
         log_dir=log_dir,
@@ -115,13 +120,14 @@ def run_pretrain(cfg: PretrainJobConfig) -> PretrainResult:
             checkpoint_path=manifest.get("run", {}).get("checkpoint"), reused=True,
         )  # fmt: skip
     logger.info(
-        "pretrain: %s (%s parameters), %d cells, %d steps, run %s in %s",
+        "pretrain: %s (%s parameters), %d cells (%d held out), %d steps, run %s in %s",
         cfg.model.preset, f"{count_parameters(spec.model_config):,}", spec.n_cells,
+        spec.validation_index.total if spec.validation_index else 0,
         spec.plan.total_steps, cfg.run.name, cfg.run.storage_path,
     )  # fmt: skip
     # Ray Train resumes a run folder of this name: only one of the same config and inputs.
     artifacts.claim_run_dir(cfg.run.storage_path, cfg.run.name, fingerprint)
-    result = _fit(cfg)
+    result = _fit(cfg, spec)
     metrics = dict(result.metrics or {})
     checkpoint = result.checkpoint
     completed = bool(metrics.get("completed")) and checkpoint is not None
@@ -143,7 +149,7 @@ def run_pretrain(cfg: PretrainJobConfig) -> PretrainResult:
     )  # fmt: skip
 
 
-def _fit(cfg: PretrainJobConfig) -> Any:
+def _fit(cfg: PretrainJobConfig, spec: RunSpec) -> Any:
     """Run the TorchTrainer; returns Ray's ``Result``."""
     runtime.init_ray(cfg.ray)
     import ray.train
@@ -158,7 +164,8 @@ def _fit(cfg: PretrainJobConfig) -> Any:
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": config_to_dict(cfg)},
+        # the driver's shard index: workers read only their blocks, never all footers
+        train_loop_config={"job": config_to_dict(cfg), "indexes": spec.indexes_state()},
         torch_config=NodeBoundTorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
@@ -194,6 +201,7 @@ def _write_model_artifact(
             "steps": int(metrics["step"]),
             "tokens": int(metrics.get("tokens", 0)),
             "cells": spec.n_cells,
+            "validation_cells": spec.validation_index.total if spec.validation_index else 0,
             "parameters": count_parameters(spec.model_config),
         }
         w.extra["metrics"] = metrics

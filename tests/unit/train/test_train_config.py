@@ -54,6 +54,11 @@ def test_overrides_and_round_trip() -> None:
         (["run.storage_path=s3://bucket/runs"], "tracking.log_dir"),
         (["optim.learning_rate=1"], "unknown key"),
         (["stop_at_step=0"], "stop_at_step"),
+        (["eval_every=0"], "eval_every"),
+        (["data.block_rows=0"], "block_rows"),
+        (["data.validation.fraction=1.0"], "validation.fraction"),
+        (["data.validation.batches=0"], "validation.batches"),
+        (["data.validation.fraction=0.1", "data.validation.tokenized=/v"], "not both"),
     ],
 )
 def test_bad_settings_name_the_fix(overrides: list[str], message: str) -> None:
@@ -69,6 +74,23 @@ def test_cloud_storage_with_log_dir() -> None:
     )
     assert cfg.run.storage_path == "s3://bucket/runs"
     assert cfg.tracking.log_dir == "/mnt/logs"
+
+
+def test_streamed_data_and_validation_settings() -> None:
+    cfg = parse_config(PretrainJobConfig, minimal())
+    assert not cfg.data.validation.enabled and cfg.data.block_rows == 256
+    cfg = parse_config(
+        PretrainJobConfig,
+        minimal(),
+        ["data.tokenized=s3://bucket/tokenized", "data.validation.tokenized=gs://b/val",
+         "eval_every=50"],
+    )  # fmt: skip
+    # URIs stay as they are (pyarrow.fs opens them); local paths become absolute
+    assert cfg.data.tokenized == "s3://bucket/tokenized"
+    assert cfg.data.validation.tokenized == "gs://b/val" and cfg.data.validation.enabled
+    assert cfg.eval_every == 50
+    cfg = parse_config(PretrainJobConfig, minimal(), ["data.validation.fraction=0.02"])
+    assert cfg.data.validation.enabled and cfg.data.validation.batches == 8
 
 
 def test_job_configs_load() -> None:

@@ -26,11 +26,12 @@ def test_resume_drops_rows_of_the_failed_attempt(tmp_path: Path) -> None:
         log.log(row(step))
     log.close(finished=False)
     log = MetricsLogger(tracking, resume_step=5, params={}, run_name="r")  # restart from step 5
-    log.log(row(6))
+    log.log({**row(6), "val_loss": 9.5, "val_accuracy": 0.05})  # validation beside training
     png = log.close(finished=True)
     rows = read_rows(tmp_path / "metrics.csv")
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     assert rows[0]["mfu"] == "" and float(rows[5]["loss"]) == 9.4
+    assert rows[4]["val_loss"] == "" and float(rows[5]["val_loss"]) == 9.5
     assert png == tmp_path / PNG_FILE and png.stat().st_size > 1000
 
 
@@ -41,7 +42,7 @@ def test_tensorboard_and_mlflow(tmp_path: Path) -> None:
         tracking, resume_step=0, params={"optim.lr": 2e-4, "model.preset": "tiny"}, run_name="r"
     )
     log.log(row(1))
-    log.log(row(2))
+    log.log({**row(2), "val_loss": 9.7, "val_accuracy": 0.03})
     log.close(finished=False)
     run_id = (tmp_path / "mlflow_run_id").read_text().strip()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
@@ -50,6 +51,7 @@ def test_tensorboard_and_mlflow(tmp_path: Path) -> None:
     (root / "mlruns").symlink_to(tmp_path / "mlruns")
     client = MlflowClient(tracking_uri=f"file:{root / 'mlruns'}")
     assert [m.value for m in client.get_metric_history(run_id, "loss")] == [9.9, 9.8]
+    assert [m.value for m in client.get_metric_history(run_id, "val_loss")] == [9.7]
     assert client.get_run(run_id).data.params["model.preset"] == "tiny"
     # a resumed run keeps logging to the same MLflow run
     log = MetricsLogger(tracking, resume_step=2, params={}, run_name="r")
