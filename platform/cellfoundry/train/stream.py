@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,6 +133,7 @@ class BlockIndex:
     ) -> BlockIndex:  # fmt: skip
         """Read the footers of ``uri``'s shards (and ``row_filter``'s columns, when it has
         any) and cut each row group into blocks of at most ``block_rows`` rows."""
+        started = time.perf_counter()
         fs = open_filesystem(uri)[0] if filesystem is None else filesystem
         paths = list_shards(uri, filesystem)
         cols: dict[str, list[int]] = {k: [] for k in ("file", "group", "start", "stop", "first")}
@@ -153,20 +155,22 @@ class BlockIndex:
                     else:
                         used = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
                         kept.append(used[stops] - used[starts])
-                    for key, values in (
-                        ("start", starts),
-                        ("stop", stops),
-                        ("first", row + starts),
-                    ):
-                        cols[key].extend(values.tolist())
-                    cols["file"].extend([f] * len(starts))
-                    cols["group"].extend([g] * len(starts))
+                    cols["start"] += starts.tolist()
+                    cols["stop"] += stops.tolist()
+                    cols["first"] += (row + starts).tolist()
+                    cols["file"] += [f] * len(starts)
+                    cols["group"] += [g] * len(starts)
                     row += n
-        arrays = {k: np.asarray(v, dtype=np.int64) for k, v in cols.items()}
-        return cls(
-            uri, paths, arrays["file"], arrays["group"], arrays["start"], arrays["stop"],
-            arrays["first"], np.concatenate(kept) if kept else np.zeros(0, np.int64), row_filter,
+        a = {k: np.asarray(v, dtype=np.int64) for k, v in cols.items()}
+        index = cls(
+            uri, paths, a["file"], a["group"], a["start"], a["stop"], a["first"],
+            np.concatenate(kept) if kept else np.zeros(0, np.int64), row_filter,
         )  # fmt: skip
+        logger.info(
+            "%s: %d shards, %d blocks, %d of %d cells used (%.1f s)", uri, len(paths),
+            len(index), index.total, row, time.perf_counter() - started,
+        )  # fmt: skip
+        return index
 
     def to_state(self) -> dict[str, Any]:
         """A picklable copy (for the workers); :meth:`from_state` undoes it."""
