@@ -292,16 +292,20 @@ def claim_output(
     *,
     overwrite: bool | None = None,
     join: OutputClaim | None = None,
+    object_storage: bool = False,
 ) -> Iterator[OutputClaim]:
     """Be the one writer of ``path`` for the block: take its lock (fails fast with
     :class:`ArtifactError` naming the other run if one holds it), remove temp folders of
     crashed runs and, with ``kind``, :func:`check_output`. Reentrant on this thread; with
     ``join`` (the claim of the run that started this process) the lock is shared.
 
-    On object storage, first checks that the bucket answers
-    (:func:`cellfoundry.storage.check_reachable`) and the orphans of crashed runs are
-    removed (:func:`remove_orphans`)."""
+    An object-store URI is accepted only from a stage that writes through
+    :mod:`cellfoundry.storage` (``object_storage=True``); others fail here, before any
+    work, instead of writing to a local folder named ``s3:``. On object storage, first
+    checks that the bucket answers (:func:`cellfoundry.storage.check_reachable`); orphans
+    of crashed runs are removed (:func:`remove_orphans`)."""
     remote = storage.is_remote(path)
+    _refuse_unwired(path, kind, object_storage)
     path = storage.normalize(path) if remote else Path(path).resolve()
     if remote and not locks.holds(path):
         try:
@@ -334,12 +338,38 @@ def claim_output(
             _OVERWRITE.reset(reset)
 
 
+def _refuse_unwired(path: str | Path, kind: str | None, object_storage: bool) -> None:
+    """Refuse an object-store output of a stage that writes local paths only, and a URI
+    that a local path mangled (``Path("s3://b/k")`` is ``s3:/b/k``)."""
+    if storage.is_remote(path):
+        unwired = not object_storage
+    else:
+        unwired = any(p in ("s3:", "gs:", "gcs:") for p in Path(path).parts)
+    if unwired:
+        what = f"the {kind} stage" if kind else "this stage"
+        raise ArtifactError(
+            f"{path}: {what} cannot write to object storage yet (only `cellfoundry "
+            "tokenize` can); write it to a local or mounted path"
+        )
+
+
+def require_local(path: str | Path, stage: str) -> None:
+    """Raise :class:`ArtifactError` if ``path`` is an object-store URI (or one a local
+    path mangled): for a stage not wired to object storage yet, before it creates anything."""
+    _refuse_unwired(path, stage, object_storage=False)
+
+
 def holds_output(
-    kind: str | None, path_of: Callable[..., str | Path | None]
+    kind: str | None,
+    path_of: Callable[..., str | Path | None],
+    *,
+    object_storage: bool = False,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Decorate a stage's run function so that it runs holding
     ``claim_output(path_of(*args, **kwargs), kind)``: a second run into the same output
-    fails fast, before any work. ``path_of`` returning None claims nothing."""
+    fails fast, before any work. ``path_of`` returning None claims nothing.
+    ``object_storage``: the stage writes through :mod:`cellfoundry.storage`, so its output
+    may be an ``s3://`` prefix."""
 
     def decorate(fn: Callable[P, R]) -> Callable[P, R]:
         @functools.wraps(fn)
@@ -347,7 +377,7 @@ def holds_output(
             path = path_of(*args, **kwargs)
             if path is None:
                 return fn(*args, **kwargs)
-            with claim_output(path, kind):
+            with claim_output(path, kind, object_storage=object_storage):
                 return fn(*args, **kwargs)
 
         return run
@@ -465,7 +495,7 @@ def _write_remote(
 ) -> Iterator[ArtifactWriter]:
     """:func:`write_artifact` on object storage: data under a new ``cf-run-*`` sub-prefix,
     then the manifest (the commit), then the previous artifact's data is deleted."""
-    with claim_output(uri, kind, overwrite=overwrite) as claim:
+    with claim_output(uri, kind, overwrite=overwrite, object_storage=True) as claim:
         run = f"{RUN_PREFIX}{uuid.uuid4().hex[:12]}"
         data = storage.join(uri, run)
         writer = ArtifactWriter(uri, data, kind, config, inputs, fingerprint(kind, config, inputs))

@@ -234,7 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--dictionaries", required=True, help="folder with token and median dictionaries"
     )
     p.add_argument("--mode", choices=["v1", "v2"], default="v2")
-    p.add_argument("--output", required=True, help="output folder (Parquet shards + manifest.json)")
+    p.add_argument(
+        "--output", required=True,
+        help="output folder or s3:// prefix (Parquet shards + manifest.json)",
+    )  # fmt: skip
     p.add_argument(
         "--model-input-size", type=int, default=None, help="default 4096 (v2) / 2048 (v1)"
     )

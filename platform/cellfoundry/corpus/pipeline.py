@@ -267,6 +267,7 @@ def run_corpus(cfg: CorpusConfig) -> CorpusResult:
     from cellfoundry.runtime import configure_data_context
 
     configure_data_context()  # deterministic order: the same outputs on 1 or 100 nodes
+    artifacts.require_local(cfg.output_dir, "corpus")  # s3:// is not wired for stage 1 yet
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as claims:  # one writer per output; checked before any work

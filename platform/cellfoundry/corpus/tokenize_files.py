@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from cellfoundry import artifacts
+from cellfoundry import artifacts, storage
 from cellfoundry.corpus import sources
 from cellfoundry.corpus.cells import list_array, remap_csr, row_sums
 from cellfoundry.corpus.encode import RankEncoder
-from cellfoundry.corpus.filemap import PerItem, part_name, resolve, run_per_item, write_table_atomic
+from cellfoundry.corpus.filemap import PerItem, part_name, resolve, run_per_item
 from cellfoundry.corpus.ingest import file_signature
 from cellfoundry.corpus.tokenized import length_histogram, merge_histograms
 from cellfoundry.genes import GeneformerDictionaries, GeneTable
@@ -129,9 +129,13 @@ class TokenizeChunks(PerItem):
     Cells with no vocabulary gene are dropped and counted. Cells whose ``obs["n_counts"]``
     cannot rank genes (zero, negative, NaN, infinite) make the chunk fail and are counted,
     unless ``recompute_n_counts`` (then their total raw count is used, and counted).
+    Shards go to ``item["out_dir"]`` within ``filesystem`` (local when None).
     """
 
-    def __init__(self, plan: Any, encoder: Any, recompute_n_counts: Any = False) -> None:
+    def __init__(
+        self, plan: Any, encoder: Any, recompute_n_counts: Any = False, filesystem: Any = None
+    ) -> None:
+        self.filesystem = resolve(filesystem)
         self.plan: dict[str, Any] = resolve(plan)
         self.encoder: RankEncoder = resolve(encoder)
         self.recompute: bool = bool(resolve(recompute_n_counts))
@@ -173,7 +177,8 @@ class TokenizeChunks(PerItem):
             "input_ids": list_array(offsets, tokens, pa.int32()),
             "length": pa.array(np.diff(offsets), pa.int64()),
         })  # fmt: skip
-        write_table_atomic(table, Path(item["out_dir"]) / part_name(p["index"], start))
+        out = f"{item['out_dir']}/{part_name(p['index'], start)}"
+        storage.write_parquet(table, out, self.filesystem)
         return {
             **result,
             "rows": table.num_rows,
@@ -195,7 +200,7 @@ def _file_counts(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return files
 
 
-@artifacts.holds_output("tokenized", lambda *_, output, **__: output)
+@artifacts.holds_output("tokenized", lambda *_, output, **__: output, object_storage=True)
 def tokenize_files(
     inputs: Sequence[str],
     *,
@@ -209,13 +214,16 @@ def tokenize_files(
 ) -> dict[str, Any]:
     """Tokenise files into ``output/*.parquet`` (cell_id, source, input_ids, length) + manifest.
 
-    Ray must be initialised. A file that cannot be read is skipped and reported in the
-    manifest's ``quarantined``; the others are written. So is a file whose
-    ``obs["n_counts"]`` is zero, negative, NaN or infinite for a cell to tokenise (it would
-    mis-rank the cell's genes), unless ``recompute_n_counts``: then those cells use their
-    total raw count, which is logged and counted (``counts["n_counts_recomputed"]``). Cells
-    with no vocabulary gene are dropped and counted (``counts["filtered"]``); over the files
-    written, ``cells_in = cells + sum(filtered)``. Returns the manifest.
+    ``output`` is a local folder or an object-store prefix (``s3://bucket/prefix``; see
+    :mod:`cellfoundry.artifacts` for how it commits there; read the shards back with
+    :func:`cellfoundry.artifacts.data_files`). Ray must be initialised. A file that cannot
+    be read is skipped and reported in the manifest's ``quarantined``; the others are
+    written. So is a file whose ``obs["n_counts"]`` is zero, negative, NaN or infinite for a
+    cell to tokenise (it would mis-rank the cell's genes), unless ``recompute_n_counts``:
+    then those cells use their total raw count, which is logged and counted
+    (``counts["n_counts_recomputed"]``). Cells with no vocabulary gene are dropped and
+    counted (``counts["filtered"]``); over the files written,
+    ``cells_in = cells + sum(filtered)``. Returns the manifest.
     """
 
     from cellfoundry.runtime import configure_data_context
@@ -250,18 +258,19 @@ def tokenize_files(
               "dictionaries": str(Path(dictionaries).resolve()), "mode": mode,
               "model_input_size": model_input_size, "gene_table": gene_table,
               "recompute_n_counts": recompute_n_counts}  # fmt: skip
-    out = Path(output)
+    out = storage.normalize(output) if storage.is_remote(output) else Path(output)
     fp = artifacts.fingerprint("tokenized", config, {})
     previous = artifacts.reusable(out, "tokenized", fp)
     if previous and not previous["counts"]["quarantined"]:
         logger.info("tokenize: reusing %s", out)
         return previous
     with artifacts.write_artifact(out, "tokenized", config) as w:
+        fs, out_dir = storage.resolve(w.uri)  # Ray tasks write with the driver's settings
         for item in items:
-            item["out_dir"] = str(w.dir)
+            item["out_dir"] = out_dir
         results = run_per_item(
             items, TokenizeChunks, plan=plan, encoder=dg.encoder,
-            recompute_n_counts=recompute_n_counts,
+            recompute_n_counts=recompute_n_counts, filesystem=fs,
         )  # fmt: skip
         files = _file_counts(results)
         for r in results:
@@ -278,8 +287,10 @@ def tokenize_files(
                     ))  # fmt: skip
                 logger.error("skipping %s: %s", uri, quarantined[uri])
                 # No half-tokenised file: drop the shards of a file that failed mid-way.
-                for shard in w.dir.glob(f"part-{plan[uri]['index']:05d}-*.parquet"):
-                    shard.unlink()
+                mine = f"part-{plan[uri]['index']:05d}-"
+                for shard in storage.list_files(w.uri, recursive=False):
+                    if shard.startswith(mine) and shard.endswith(".parquet"):
+                        storage.delete_file(storage.join(w.uri, shard))
         written = {u: f for u, f in files.items() if u not in quarantined}
         for uri, f in written.items():
             if f["bad_n_counts"]:

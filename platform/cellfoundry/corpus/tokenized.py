@@ -17,8 +17,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from cellfoundry import artifacts, storage
 from cellfoundry.corpus.cells import list_array, remap_csr
 from cellfoundry.corpus.encode import RankEncoder
 from cellfoundry.corpus.filemap import PerItem, resolve, write_table_atomic
@@ -80,6 +82,16 @@ class EncodeFiles(PerItem):
             "rows": table.num_rows,
             "lengths": length_histogram(table["length"].to_numpy(), self.max_length),
         }
+
+
+def shard_files(path: str | Path) -> tuple[pafs.FileSystem, list[str]]:
+    """``(filesystem, paths)`` of a tokenized artifact's ``part-*.parquet`` shards in name
+    order, local or on object storage (only the shards its manifest lists), ready for
+    ``pq.read_table(paths, filesystem=fs)`` or ``ray.data.read_parquet(paths, filesystem=fs)``."""
+    artifacts.read_manifest(path, "tokenized")
+    files = artifacts.data_files(path, "part-*.parquet")
+    fs = storage.filesystem(path)
+    return fs, [storage.resolve(f)[1] for f in files]
 
 
 def length_histogram(lengths: np.ndarray, max_length: int, n_bins: int = 16) -> dict[str, Any]:
