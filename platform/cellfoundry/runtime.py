@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cellfoundry.config.schema import RayConfig
+from cellfoundry.config.schema import ActorPoolConfig, RayConfig
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +149,15 @@ def configure_data_context() -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = True
+
+
+def actor_pool(pool: ActorPoolConfig) -> Any:
+    """Ray Data's autoscaling ``ActorPoolStrategy`` between ``pool.min_actors`` and
+    ``pool.max_actors`` (None: no fixed cap). Ray Data sizes it to the work queued and the
+    resources of the cluster as it is now, so nodes that join while a step runs get actors."""
+    import ray.data
+
+    return ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors)
 
 
 def job_main(

@@ -299,8 +299,10 @@ def test_kuberay_manifest(path: Path) -> None:
             res = cfg.finetune.scaling.resources_per_worker
             cpu, gpu = res.get("CPU", 1), res.get("GPU", int(cfg.finetune.scaling.use_gpu))
             n = cfg.tune.max_concurrent_trials or 1
-        elif stage in ("embed", "perturb"):  # every GPU actor fits
-            cpu, gpu, n = cfg.compute.num_cpus, cfg.compute.num_gpus, cfg.compute.concurrency
+        elif stage in ("embed", "perturb"):  # every GPU actor fits, up to the pool's cap
+            pool = cfg.compute.pool
+            assert pool.max_actors is not None, f"{path.name}: a GPU pool needs max_actors"
+            cpu, gpu, n = cfg.compute.num_cpus, cfg.compute.num_gpus, pool.max_actors
         else:
             cpu, gpu, n = 1, 0, 1
         assert _capacity(pods, cpu, gpu) >= n, (

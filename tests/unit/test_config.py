@@ -24,6 +24,8 @@ def test_defaults_and_overrides() -> None:
     assert cfg.corpus.tokenize.model_input_size == 2048
     assert cfg.corpus.tokenize.max_genes == 2048
     assert parse_config(CorpusJobConfig, BASE).corpus.tokenize.max_genes == 4094
+    compute = parse_config(CorpusJobConfig, BASE).corpus.compute  # per-file actor pools
+    assert (compute.min_actors, compute.max_actors) == (1, None)  # grow with the cluster
 
 
 @pytest.mark.parametrize(
@@ -35,6 +37,8 @@ def test_defaults_and_overrides() -> None:
         (BASE, ["corpus.rows_per_chunk=many"], "corpus.rows_per_chunk: expected an integer"),
         (BASE, ["corpus.qc.n_sd=-1"], "qc.n_sd must be > 0"),
         (BASE, ["corpus.qc.n_sd"], "expected KEY=VALUE"),
+        (BASE, ["corpus.compute.min_actors=0"], "compute.min_actors must be >= 1"),
+        (BASE, ["corpus.compute.max_actors=0"], "max_actors (0) must be >= compute.min_actors"),
         ({"corpus": {"catalog": "c.yaml"}}, [], "missing required key(s) output_dir"),
     ],
 )

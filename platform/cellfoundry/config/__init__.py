@@ -10,6 +10,7 @@ from cellfoundry.config.infer import (
 )
 from cellfoundry.config.loader import ConfigError, config_to_dict, load_config, parse_config
 from cellfoundry.config.schema import (
+    ActorPoolConfig,
     CorpusConfig,
     CorpusJobConfig,
     MediansConfig,
@@ -48,6 +49,7 @@ from cellfoundry.config.tune import (
 
 __all__ = [
     "ASHAConfig",
+    "ActorPoolConfig",
     "BaselineConfig",
     "BatchEvalConfig",
     "CheckpointConfig",

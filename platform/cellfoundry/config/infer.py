@@ -1,8 +1,9 @@
 """Typed configs of stage 4 (embeddings and in-silico perturbation screens).
 
 ``compute`` mirrors the arguments of Ray Data's ``map_batches`` (``batch_size``,
-``num_gpus``, ``num_cpus``; ``concurrency`` is the size of its ``ActorPoolStrategy``) plus
-how each actor runs the model. This module imports neither torch nor Ray.
+``num_gpus``, ``num_cpus``; ``min_actors`` / ``max_actors`` bound its autoscaling
+``ActorPoolStrategy``, ``concurrency`` fixes its size) plus how each actor runs the model.
+This module imports neither torch nor Ray.
 """
 
 from __future__ import annotations
@@ -11,16 +12,17 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from cellfoundry.config.schema import RayConfig
+from cellfoundry.config.schema import ActorPoolConfig, RayConfig
 from cellfoundry.paths import expand
 
 KINDS = ("delete", "overexpress", "inhibit", "activate")
 
 
 @dataclass
-class InferComputeConfig:
+class InferComputeConfig(ActorPoolConfig):
     """Where and how the model runs: an actor pool of ``map_batches``, each actor loading
-    the model once."""
+    the model once. The pool autoscales between ``min_actors`` and ``max_actors`` (null: it
+    grows with the cluster), unless ``concurrency`` fixes its size."""
 
     batch_size: int = 256
     """Cells per Ray Data batch handed to an actor (map_batches' batch_size)."""
@@ -28,8 +30,9 @@ class InferComputeConfig:
     """Sequences per forward pass inside an actor (after sorting by length)."""
     max_tokens: int | None = None
     """Also cap the padded tokens of one forward pass (null: rows only)."""
-    concurrency: int = 1
-    """Actors in the pool (``ActorPoolStrategy(size=...)``), e.g. one per GPU."""
+    concurrency: int | None = None
+    """A fixed pool of this many actors (``ActorPoolStrategy(size=...)``) instead of
+    min_actors..max_actors; null: autoscale."""
     num_gpus: float = 0
     """GPUs per actor (map_batches' num_gpus); 0 runs on CPU."""
     num_cpus: float = 1
@@ -46,10 +49,24 @@ class InferComputeConfig:
             raise ValueError("compute.batch_size and compute.model_batch_size must be >= 1")
         if self.max_tokens is not None and self.max_tokens < 8:
             raise ValueError("compute.max_tokens must be >= 8 (or null)")
-        if self.concurrency < 1:
-            raise ValueError("compute.concurrency must be >= 1 (actors in the pool)")
         if self.num_gpus < 0 or self.num_cpus <= 0:
             raise ValueError("compute.num_gpus must be >= 0 and compute.num_cpus > 0")
+        super().__post_init__()
+        if self.concurrency is not None:
+            if self.concurrency < 1:
+                raise ValueError("compute.concurrency must be >= 1 (actors in the pool)")
+            if self.min_actors != 1 or self.max_actors is not None:
+                raise ValueError(
+                    "give compute.concurrency (a fixed pool) or compute.min_actors / "
+                    "compute.max_actors (an autoscaling pool), not both"
+                )
+
+    @property
+    def pool(self) -> ActorPoolConfig:
+        """The pool's bounds; a fixed ``concurrency`` is min = max."""
+        if self.concurrency is not None:
+            return ActorPoolConfig(self.concurrency, self.concurrency)
+        return ActorPoolConfig(self.min_actors, self.max_actors)
 
 
 @dataclass

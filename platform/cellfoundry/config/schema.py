@@ -30,6 +30,28 @@ class RayConfig:
 
 
 @dataclass
+class ActorPoolConfig:
+    """Bounds of an autoscaling actor pool (Ray Data's ``ActorPoolStrategy(min_size=...,
+    max_size=...)``): the pool starts at ``min_actors`` and grows while work is queued and
+    the cluster has room, so nodes that join while a step runs get actors too."""
+
+    min_actors: int = 1
+    """Actors the pool keeps (ActorPoolStrategy's min_size)."""
+    max_actors: int | None = None
+    """Most actors at once (ActorPoolStrategy's max_size); null: no fixed cap, the pool grows
+    with the cluster (Ray Data also asks the autoscaler for nodes while the pool is busy)."""
+
+    def __post_init__(self) -> None:
+        if self.min_actors < 1:
+            raise ValueError("compute.min_actors must be >= 1")
+        if self.max_actors is not None and self.max_actors < self.min_actors:
+            raise ValueError(
+                f"compute.max_actors ({self.max_actors}) must be >= compute.min_actors "
+                f"({self.min_actors}), or null for no fixed cap"
+            )
+
+
+@dataclass
 class QCConfig:
     """Per-dataset quality control, as in the Geneformer seeds."""
 
@@ -123,6 +145,8 @@ class CorpusConfig:
     qc: QCConfig = field(default_factory=QCConfig)
     medians: MediansConfig = field(default_factory=MediansConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    compute: ActorPoolConfig = field(default_factory=ActorPoolConfig)
+    """Actor pool of each per-file step (ingest, QC, encode); one CPU per actor."""
 
     def __post_init__(self) -> None:
         self.catalog = expand(self.catalog)

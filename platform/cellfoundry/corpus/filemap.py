@@ -16,6 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cellfoundry.config.schema import ActorPoolConfig
+
 
 def part_name(dataset_index: int, start: int) -> str:
     """File name of the part holding rows from ``start`` of dataset number ``dataset_index``."""
@@ -54,19 +56,26 @@ def resolve(value: Any) -> Any:
 
 
 def run_per_item(
-    items: list[dict[str, Any]], udf: type[PerItem], **constructor_kwargs: Any
+    items: list[dict[str, Any]],
+    udf: type[PerItem],
+    *,
+    pool: ActorPoolConfig | None = None,
+    **constructor_kwargs: Any,
 ) -> list[dict[str, Any]]:
-    """Run ``udf`` over ``items`` on an autoscaling actor pool; results in item order."""
+    """Run ``udf`` over ``items`` on an autoscaling actor pool of one CPU per actor; results
+    in item order. The pool grows between ``pool.min_actors`` and ``pool.max_actors``
+    (default 1 and no fixed cap) as the cluster does, also while the step runs."""
     import ray
+
+    from cellfoundry.runtime import actor_pool
 
     if not items:
         return []
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), 1000)).map_batches(
         udf,
         fn_constructor_kwargs={k: ray.put(v) for k, v in constructor_kwargs.items()},
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus),
+        compute=actor_pool(pool or ActorPoolConfig()),
         num_cpus=1,
     )
     return [json.loads(r["result"]) for r in ds.take_all()]

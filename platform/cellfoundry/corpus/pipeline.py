@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cellfoundry import artifacts
-from cellfoundry.config.schema import CorpusConfig
+from cellfoundry.config.schema import ActorPoolConfig, CorpusConfig
 from cellfoundry.corpus import catalog as cat
 from cellfoundry.corpus import dedup, ingest, qc, sources, vocab_stage
 from cellfoundry.corpus.filemap import part_name, run_per_item
@@ -89,7 +89,11 @@ def _probe_all(
 
 
 def _ingest(
-    probed: list[ProbedDataset], work: Path, genes: GeneIndex, metadata_columns: list[str]
+    probed: list[ProbedDataset],
+    work: Path,
+    genes: GeneIndex,
+    metadata_columns: list[str],
+    pool: ActorPoolConfig,
 ) -> list[dict[str, Any]]:
     plan = {
         p.entry.id: {
@@ -103,7 +107,7 @@ def _ingest(
         for p in probed
         for s, t in p.chunks
     ]
-    return run_per_item(items, ingest.IngestChunks, plan=plan)
+    return run_per_item(items, ingest.IngestChunks, pool=pool, plan=plan)
 
 
 def _cells_stage(
@@ -140,7 +144,7 @@ def _cells_stage(
     by_id = {p.entry.id: p for p in probed_all}
     probed = [by_id[e.id] for e in to_read if e.id in by_id]
     metadata_columns = sorted({k for e in to_read for k in e.metadata})
-    stats = _ingest(probed, work, genes, metadata_columns)
+    stats = _ingest(probed, work, genes, metadata_columns, cfg.compute)
     errors: dict[str, str] = {}
     for s in stats:
         if s["error"] and s["dataset_id"] not in errors:
@@ -194,8 +198,9 @@ def _cells_stage(
             for p, f in parts
         ]  # fmt: skip
         results = run_per_item(
-            items, qc.AssignQCFiles, thresholds=thresholds, duplicate_orders=duplicates[0]
-        )
+            items, qc.AssignQCFiles, pool=cfg.compute, thresholds=thresholds,
+            duplicate_orders=duplicates[0],
+        )  # fmt: skip
         w.counts = _reconcile(results, entries, dataset_status, by_id)
         w.extra["datasets"] = dataset_status
         summary = w.counts.pop("_per_dataset")

@@ -157,8 +157,8 @@ def tokenized_stage(cfg: CorpusConfig, out: Path, cells: Path, vocab: Path) -> P
     with artifacts.write_artifact(path, "tokenized", stage_cfg, inputs) as w:
         items = [{"src": f, "dst": str(w.dir / Path(f).name)} for f in _cell_files(cells)]
         results = run_per_item(
-            items, EncodeFiles, encoder=encoder, gene_map=gene_map, keep_columns=keep,
-            max_length=cfg.tokenize.model_input_size,
+            items, EncodeFiles, pool=cfg.compute, encoder=encoder, gene_map=gene_map,
+            keep_columns=keep, max_length=cfg.tokenize.model_input_size,
         )  # fmt: skip
         shards = sorted(w.dir.glob("part-*.parquet"))
         hist = merge_histograms([r["lengths"] for r in results])

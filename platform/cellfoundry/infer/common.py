@@ -20,6 +20,8 @@ logger = logging.getLogger(__name__)
 
 #: Columns of a tokenized shard that are not cell metadata.
 TOKEN_COLUMNS = ("input_ids", "length")
+#: compute fields that say where a job runs, not what it computes (kept out of fingerprints).
+POOL_FIELDS = ("concurrency", "min_actors", "max_actors")
 
 
 def shard_files(tokenized: str | Path) -> list[Path]:
@@ -84,12 +86,14 @@ def cells_of(batch: pa.Table) -> list[np.ndarray]:
 
 
 def map_batches_kwargs(compute: InferComputeConfig) -> dict[str, Any]:
-    """Ray Data ``map_batches`` arguments: a fixed-size actor pool and its resources."""
-    import ray.data
+    """Ray Data ``map_batches`` arguments: the actor pool (autoscaling between
+    ``compute.min_actors`` and ``compute.max_actors``, or fixed at ``compute.concurrency``)
+    and its resources."""
+    from cellfoundry.runtime import actor_pool
 
     return {
         "batch_size": compute.batch_size,
-        "compute": ray.data.ActorPoolStrategy(size=compute.concurrency),
+        "compute": actor_pool(compute.pool),
         "num_gpus": compute.num_gpus,
         "num_cpus": compute.num_cpus,
     }

@@ -29,6 +29,7 @@ from cellfoundry.artifacts import (
 from cellfoundry.config.infer import EmbedJobConfig
 from cellfoundry.config.loader import config_to_dict, load_config
 from cellfoundry.infer.common import (
+    POOL_FIELDS,
     TOKEN_COLUMNS,
     cells_of,
     embedder_kwargs,
@@ -110,6 +111,8 @@ def run_embed(cfg: EmbedJobConfig) -> EmbedResult:
     files = shard_files(cfg.tokenized)
     config = {**config_to_dict(cfg), "model_signature": model_signature(cfg.model)}
     config.pop("ray")
+    for key in POOL_FIELDS:  # how many actors run it does not change the embeddings
+        config["compute"].pop(key)
     inputs = inputs_with_manifest(model=cfg.model, tokenized=cfg.tokenized)
     artifact = Path(cfg.artifact_dir)
     previous = reusable(artifact, "embeddings", fingerprint("embeddings", config, inputs))

@@ -31,6 +31,7 @@ from cellfoundry.artifacts import fingerprint, holds_output, reusable, write_art
 from cellfoundry.config.infer import PerturbJobConfig
 from cellfoundry.config.loader import config_to_dict, load_config
 from cellfoundry.infer.common import (
+    POOL_FIELDS,
     cells_of,
     embedder_kwargs,
     inputs_with_manifest,
@@ -168,7 +169,7 @@ def run_perturb(cfg: PerturbJobConfig) -> PerturbResult:
     for spec in cfg.perturbations:  # unknown genes fail here, not inside an actor
         perturbation_from_genes(spec.kind, spec.genes, vocab)
     config.pop("ray")
-    for key in ("concurrency", "num_cpus", "batch_size"):  # where it runs, not what it computes
+    for key in (*POOL_FIELDS, "num_cpus", "batch_size"):  # where it runs, not what it computes
         config["compute"].pop(key)
     inputs = inputs_with_manifest(model=cfg.model, tokenized=cfg.tokenized)
     fp = fingerprint("screen", config, inputs)

@@ -46,3 +46,35 @@ def test_bad_values_name_the_fix() -> None:
         )
     with pytest.raises(ConfigError, match="unknown key"):
         parse_config(EmbedJobConfig, {**base, "output": "x.h5ad", "compute": {"gpus": 1}})
+
+
+@pytest.mark.parametrize(
+    ("compute", "bounds"),
+    [
+        ({}, (1, float("inf"))),  # default: autoscale from 1 actor with the cluster
+        ({"min_actors": 2, "max_actors": 8}, (2, 8)),
+        ({"concurrency": 4}, (4, 4)),  # the fixed-size shorthand
+    ],
+)
+def test_actor_pool_bounds(compute: dict, bounds: tuple[int, float]) -> None:
+    from cellfoundry.infer.common import map_batches_kwargs
+
+    base = {"model": "m", "tokenized": "t", "output": "x.h5ad"}
+    cfg = parse_config(EmbedJobConfig, {**base, "compute": compute})
+    strategy = map_batches_kwargs(cfg.compute)["compute"]  # Ray Data's ActorPoolStrategy
+    assert (strategy.min_size, strategy.max_size) == bounds
+
+
+@pytest.mark.parametrize(
+    ("compute", "message"),
+    [
+        ({"concurrency": 4, "max_actors": 8}, "not both"),
+        ({"min_actors": 4, "max_actors": 2}, r"max_actors \(2\) must be >= compute.min_actors"),
+        ({"min_actors": 0}, "min_actors must be >= 1"),
+        ({"concurrency": 0}, "concurrency must be >= 1"),
+    ],
+)
+def test_actor_pool_bad_bounds(compute: dict, message: str) -> None:
+    base = {"model": "m", "tokenized": "t", "output": "x.h5ad"}
+    with pytest.raises(ConfigError, match=message):
+        parse_config(EmbedJobConfig, {**base, "compute": compute})
