@@ -102,3 +102,15 @@ def test_from_items_blocks_on_ray(ray_local: None, tables: list[pa.Table]) -> No
     expected, _ = reference(tables)
     result = compute_medians(ray.data.from_items(items, override_num_blocks=5), N_GENES)
     assert result.medians.tobytes() == expected.tobytes() and result.passes == 2
+
+
+def test_gene_range_reducers_on_ray(ray_local: None, tables: list[pa.Table]) -> None:
+    """A budget of ~5 genes' histogram slots: 8 reducer actors per pass, the same exact
+    medians, and no reducer ever held more than the budget."""
+    expected, _ = reference(tables)
+    budget = 5 * 2073 * 8  # 2,048 log bins + 25 outer bins, 8 bytes each, per gene
+    result = compute_medians(
+        ray.data.from_arrow(tables), N_GENES, batch_size=64, reducer_bytes=budget
+    )
+    assert result.medians.tobytes() == expected.tobytes()
+    assert result.reducers == 8 and result.reducer_peak_bytes <= budget

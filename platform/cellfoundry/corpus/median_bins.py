@@ -3,8 +3,9 @@
 Per batch, on the workers: cells flattened to (gene, value = count / n_counts * 10,000), values
 binned against edges fixed on the driver (a logarithm guesses, exact comparisons decide, so
 every worker bins alike), sparse per-gene histograms keyed gene * n_bins + bin, and the values
-inside each gene's narrowed interval. On the driver: ``_Narrowing`` locates each gene's median
-order statistics in the merged histograms and picks them from the collected values.
+inside each gene's narrowed interval. In each gene range's reducer (``median_reduce``):
+``_Narrowing`` locates its genes' median order statistics in the merged histograms and picks
+them from the collected values; the driver keeps the per-gene state between passes.
 """
 
 from __future__ import annotations
@@ -170,6 +171,18 @@ class _Narrowing:
     def pending(self) -> np.ndarray:
         return (self.n > 0) & np.isnan(self.value).any(axis=1)
 
+    def take(self, g0: int, g1: int) -> _Narrowing:
+        """A copy of the state of genes [g0, g1), renumbered from 0 (a reducer's part)."""
+        part = _Narrowing(0)
+        for name, a in vars(self).items():
+            setattr(part, name, a[g0:g1].copy())
+        return part
+
+    def put(self, g0: int, part: _Narrowing) -> None:
+        """Write back a part taken at ``g0``."""
+        for name, a in vars(part).items():
+            getattr(self, name)[g0 : g0 + len(a)] = a
+
     def update(
         self,
         gene: np.ndarray,
@@ -220,10 +233,8 @@ class _Narrowing:
         self.m[g] = (cum[last] - start)[keep]
         self.rank[g] = (t - start[:, None])[keep]
 
-    def finish(self, values: pa.Table, active: np.ndarray) -> None:
-        """Pick the unknown ranks from the collected values of the active genes."""
-        gene = values["gene"].to_numpy().astype(np.int64)
-        value = values["value"].to_numpy()
+    def finish(self, gene: np.ndarray, value: np.ndarray, active: np.ndarray) -> None:
+        """Pick the unknown ranks from the collected (gene, value) of the active genes."""
         order = np.lexsort((value, gene))
         got = np.bincount(gene, minlength=self.n.size)
         if not np.array_equal(got, np.where(active, self.m, 0)):

@@ -1,16 +1,20 @@
 """Corpus-wide per-gene non-zero medians of count / n_counts * 10,000 (the ``medians`` artifact).
 
 Pass 1 builds sparse per-gene log histograms (key = gene * n_bins + bin, a count per key) with
-``map_batches`` and merges them with a Ray Data ``groupby``: the merged table is bounded by
-genes x occupied bins, never by cells. ``sketch`` interpolates inside the bin holding each
-median rank. ``exact`` narrows every gene to the bin(s) holding its median rank(s), then, while
-more than ``max_values_per_gene`` values are left, to finer sub-bins (these passes also keep
-each sub-bin's min and max: a rank that is first or last in its sub-bin, or in one whose min
-equals its max, is known at once); a last pass collects the values left and picks the order
+``map_batches``. ``sketch`` interpolates inside the bin holding each median rank. ``exact``
+narrows every gene to the bin(s) holding its median rank(s), then, while more than
+``max_values_per_gene`` values are left, to finer sub-bins (these passes also keep each
+sub-bin's min and max: a rank that is first or last in its sub-bin, or in one whose min equals
+its max, is known at once); a last pass collects the values left and picks the order
 statistics. Bins are value intervals fixed by exact comparisons with edges computed once on the
 driver (a logarithm only guesses), so every worker bins alike; catch-all outer bins give every
 positive value a bin (nothing is clamped), and the collection tests values, not bins.
-The NumPy/Arrow pieces live in ``median_bins``; this module runs the passes (public API).
+
+Memory does not grow with the cells: each pass's partials stream, as the map emits them, to
+one reducer per contiguous gene range (``median_reduce``), sized so that its state (a slot per
+gene and bin, or the values it collects) stays within ``reducer_bytes``; a reducer finishes its
+own genes, and the driver keeps only per-gene state. The NumPy/Arrow pieces live in
+``median_bins``; this module runs the passes (public API).
 """
 
 from __future__ import annotations
@@ -25,13 +29,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import ray
-from ray.data.aggregate import Max, Min, Sum
 
 from cellfoundry.corpus.median_bins import (
-    _CELLS,
-    _COUNTS,
-    _HIST,
-    _VALUES,
     CELL_COLUMNS,
     SCALE,
     _Narrowing,
@@ -43,6 +42,12 @@ from cellfoundry.corpus.median_bins import (
     narrow_batch,
     reduce_by_key,
     sub_bins,
+)
+from cellfoundry.corpus.median_reduce import (
+    RangeReducer,
+    plan_ranges,
+    reduce_locally,
+    reduce_on_ray,
 )
 
 # The public API; the per-batch pieces of ``median_bins`` stay importable from here too.
@@ -77,11 +82,13 @@ class MedianResult:
     method: str  # "exact" or "sketch"
     relative_error_bound: float  # 0.0 for exact; sketch: max relative error of any median
     passes: int  # full passes made over the cells
+    reducers: int = 0  # most gene-range reducers in one pass
+    reducer_peak_bytes: int = 0  # most bytes of state any one reducer held
 
 
 # ------------------------------------------------------------------------ passes (runners)
 class _RayPasses:
-    """Runs a batch function over a Ray Dataset; merges histograms with a groupby."""
+    """Runs a batch function over a Ray Dataset and streams its partials to range reducers."""
 
     def __init__(self, cells: ray.data.Dataset, batch_size: int) -> None:
         schema = cells.schema(fetch_if_missing=False)
@@ -91,27 +98,21 @@ class _RayPasses:
                 "pass the `cells` artifact rows"
             )
         self.cells, self.batch_size, self.passes = cells.select_columns(CELL_COLUMNS), batch_size, 0
-
-    def _map(self, fn: Callable[[pa.Table], pa.Table]) -> ray.data.Dataset:
-        self.passes += 1
-        return self.cells.map_batches(fn, batch_format="pyarrow", batch_size=self.batch_size)
+        self.pool: list[Any] = []  # reducer actors, reused from pass to pass
 
     def put(self, params: Any) -> Any:
         return ray.put(params)
 
-    def histogram(self, fn: Callable[[pa.Table], pa.Table], ranges: bool) -> pa.Table:
-        """Sum of count (with ranges: min of vmin, max of vmax) per key, sorted by key."""
-        aggs = [Sum("count", alias_name="count")]
-        if ranges:
-            aggs += [Min("vmin", alias_name="vmin"), Max("vmax", alias_name="vmax")]
-        cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 2
-        partitions = max(1, min(cpus, 200))  # the default (200) is slow on small data
-        merged = self._map(fn).groupby("key", num_partitions=partitions).aggregate(*aggs)
-        table = _concat(ray.get(merged.to_arrow_refs()), _HIST if ranges else _COUNTS)
-        return table.take(np.argsort(table["key"].to_numpy()))
+    def reduce(self, fn: _BatchFn, specs: list[tuple[Any, ...]], state: _Narrowing) -> int:
+        """One pass: ``fn`` on every batch, its partials reduced into ``state``; peak bytes."""
+        self.passes += 1
+        partials = self.cells.map_batches(fn, batch_format="pyarrow", batch_size=self.batch_size)
+        return reduce_on_ray(partials, specs, state, self.pool)
 
-    def collect(self, fn: Callable[[pa.Table], pa.Table]) -> pa.Table:
-        return _concat(ray.get(self._map(fn).to_arrow_refs()), _VALUES)
+    def close(self) -> None:
+        for actor in self.pool:
+            ray.kill(actor)
+        self.pool = []
 
 
 class _LocalPasses:
@@ -120,26 +121,32 @@ class _LocalPasses:
     def __init__(self, tables: Iterable[pa.Table], batch_size: int) -> None:
         self.tables, self.batch_size, self.passes = list(tables), batch_size, 0
 
-    def _map(self, fn: Callable[[pa.Table], pa.Table]) -> pa.Table:
-        self.passes += 1
-        size = self.batch_size
-        parts = [fn(t.slice(i, size)) for t in self.tables for i in range(0, t.num_rows, size)]
-        return pa.concat_tables(parts or [fn(_CELLS.empty_table())], promote_options="permissive")
-
     def put(self, params: Any) -> Any:
         return params
 
-    def histogram(self, fn: Callable[[pa.Table], pa.Table], ranges: bool) -> pa.Table:
-        t = self._map(fn)
-        return reduce_by_key(*(t[c].to_numpy() for c in t.column_names))
+    def reduce(self, fn: _BatchFn, specs: list[tuple[Any, ...]], state: _Narrowing) -> int:
+        self.passes += 1
+        size = self.batch_size
+        parts = (fn(t.slice(i, size)) for t in self.tables for i in range(0, t.num_rows, size))
+        return reduce_locally(parts, [RangeReducer(*s) for s in specs], state)
 
-    def collect(self, fn: Callable[[pa.Table], pa.Table]) -> pa.Table:
-        return self._map(fn)
+    def close(self) -> None:
+        pass
 
 
-def _concat(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
-    tables = [t.select(schema.names).cast(schema) for t in tables if t.num_rows]
-    return pa.concat_tables(tables).combine_chunks() if tables else schema.empty_table()
+_BatchFn = Callable[[pa.Table], pa.Table]
+
+
+def _specs(
+    kind: str, slots: np.ndarray, width: int, budget: int, **spec: Any
+) -> list[tuple[Any, ...]]:
+    """RangeReducer arguments per planned gene range; bool [n_genes] ``spec`` values are cut
+    to the range."""
+    return [
+        (kind, g0, g1, width, slots[g0:g1], {k: v[g0:g1] if k == "active" else v
+                                             for k, v in spec.items()})
+        for g0, g1 in plan_ranges(slots, kind, budget)
+    ]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- public API
@@ -152,6 +159,7 @@ def compute_medians(
     max_values_per_gene: int = 200_000,
     batch_size: int = 4096,
     max_total_values: int = 50_000_000,
+    reducer_bytes: int = 256 * 2**20,
 ) -> MedianResult:
     """Per-gene median of counts / n_counts * 10,000 over the cells where the gene is non-zero.
 
@@ -162,6 +170,10 @@ def compute_medians(
     says so). Collected values are bounded by ``max_values_per_gene`` per gene and
     ``max_total_values`` in all; genes above either are narrowed by another pass first. Each
     pass re-reads ``cells``: materialize it first when that is cheaper than recomputing it.
+    ``reducer_bytes``: the state one gene-range reducer may hold (a histogram's slots, 8 bytes
+    per gene and bin in pass 1, or the values it collects, 32 bytes each); the genes are cut
+    into as many ranges as that takes (a gene above it gets a range alone). Worker and driver
+    memory does not depend on the number of cells.
     """
     if method not in ("exact", "sketch"):
         raise ValueError(f"compute_medians: method={method!r}; use 'exact' or 'sketch'")
@@ -171,6 +183,7 @@ def compute_medians(
         ("batch_size", batch_size, 1),
         ("max_values_per_gene", max_values_per_gene, 1),
         ("max_total_values", max_total_values, 1),
+        ("reducer_bytes", reducer_bytes, 1),
     ):
         if v < least:
             raise ValueError(f"compute_medians: {name}={v}; it must be >= {least}")
@@ -179,20 +192,40 @@ def compute_medians(
         if isinstance(cells, ray.data.Dataset)
         else _LocalPasses(cells, batch_size)
     )
+    try:
+        state, stats = _run_passes(
+            runner, n_genes, method, bins, max_values_per_gene, max_total_values, reducer_bytes
+        )
+    finally:
+        runner.close()
+    bound = 0.0 if method == "exact" else max(10.0 ** (7.0 / bins) - 1.0, float(state.err.max()))
+    return MedianResult(state.medians(), state.n, method, bound, runner.passes, *stats)
+
+
+def _run_passes(
+    runner: _RayPasses | _LocalPasses, n_genes: int, method: str, bins: int,
+    max_per_gene: int, max_total: int, budget: int,
+) -> tuple[_Narrowing, tuple[int, int]]:  # fmt: skip
+    """The histogram pass, narrowing passes, then the collection; the final state and
+    (most reducers in one pass, most bytes one reducer held)."""
     state, edges, t0 = _Narrowing(n_genes), bin_edges(bins), time.perf_counter()
-    hist = runner.histogram(functools.partial(histogram_batch, n_genes=n_genes, edges=edges), False)
-    gene, b = np.divmod(hist["key"].to_numpy(), edges.size - 1)
-    lo, hi = edges[b], np.nextafter(edges[b + 1], 0.0)  # bin b as a closed interval
-    state.update(gene, hist["count"].to_numpy(), lo, hi, attained=False, sketch=method == "sketch")
+    n_bins = edges.size - 1
+    specs = _specs("hist", np.full(n_genes, n_bins), n_bins, budget, edges=edges,
+                   sketch=method == "sketch")  # fmt: skip
+    fn = functools.partial(histogram_batch, n_genes=n_genes, edges=edges)
+    peak, reducers = runner.reduce(fn, specs, state), len(specs)
     logger.info(
-        "medians pass 1: %d genes detected, %d merged bins (%.1f s)",
-        int((state.n > 0).sum()), hist.num_rows, time.perf_counter() - t0,
+        "medians pass 1: %d genes detected, %d reducers, <= %.0f MB each (%.1f s)",
+        int((state.n > 0).sum()), len(specs), peak / 2**20, time.perf_counter() - t0,
     )  # fmt: skip
     for _ in range(_MAX_NARROWING_PASSES):
-        narrow = _to_narrow(state, max_values_per_gene, max_total_values)
+        narrow = _to_narrow(state, max_per_gene, max_total)
         if not narrow.any():
             break
-        _narrowing_pass(runner, state, narrow, n_genes, max_values_per_gene)
+        params, specs = _narrowing_specs(state, narrow, max_per_gene, budget)
+        fn = functools.partial(narrow_batch, n_genes=n_genes, params=runner.put(params))
+        peak, reducers = max(peak, runner.reduce(fn, specs, state)), max(reducers, len(specs))
+        logger.info("medians pass %d: narrowed %d genes", runner.passes, int(narrow.sum()))
     else:
         raise RuntimeError(f"medians: still narrowing after {_MAX_NARROWING_PASSES} passes")
     active = state.pending()
@@ -201,14 +234,14 @@ def compute_medians(
             (np.where(active, state.lo, np.nan), np.where(active, state.hi, np.nan))
         )
         fn = functools.partial(collect_batch, n_genes=n_genes, params=params)
-        state.finish(runner.collect(fn), active)
+        specs = _specs("collect", np.where(active, state.m, 0), 0, budget, active=active)
+        peak, reducers = max(peak, runner.reduce(fn, specs, state)), max(reducers, len(specs))
         logger.info(
-            "medians pass %d: collected %d values of %d genes",
-            runner.passes, int(state.m[active].sum()), int(active.sum()),
+            "medians pass %d: collected %d values of %d genes in %d reducers",
+            runner.passes, int(state.m[active].sum()), int(active.sum()), len(specs),
         )  # fmt: skip
-    bound = 0.0 if method == "exact" else max(10.0 ** (7.0 / bins) - 1.0, float(state.err.max()))
     logger.info("medians: %s, %d passes, %.1f s", method, runner.passes, time.perf_counter() - t0)
-    return MedianResult(state.medians(), state.n, method, bound, runner.passes)
+    return state, (reducers, peak)
 
 
 def _to_narrow(state: _Narrowing, max_per_gene: int, max_total: int) -> np.ndarray:
@@ -222,22 +255,17 @@ def _to_narrow(state: _Narrowing, max_per_gene: int, max_total: int) -> np.ndarr
     return narrow
 
 
-def _narrowing_pass(
-    runner: _RayPasses | _LocalPasses, state: _Narrowing, narrow: np.ndarray, n_genes: int,
-    max_per_gene: int,
-) -> None:  # fmt: skip
-    """One pass of n_sub linear sub-bins (64..4096, ~max_per_gene / 8 values each) over each
-    narrowed gene's interval; 1 bin (just its min and max) for the unbounded outer bins."""
+def _narrowing_specs(
+    state: _Narrowing, narrow: np.ndarray, max_per_gene: int, budget: int
+) -> tuple[tuple[np.ndarray, ...], list[tuple[Any, ...]]]:
+    """A pass of n_sub linear sub-bins (64..4096, ~max_per_gene / 8 values each) over each
+    narrowed gene's interval; 1 bin (just its min and max) for the unbounded outer bins.
+    Returns the map's (lo, hi, step, n_sub) [n_genes] and the reducer specs."""
     lo, hi = np.where(narrow, state.lo, np.nan), np.where(narrow, state.hi, np.nan)
     want = np.clip(2 ** np.ceil(np.log2(np.maximum(8 * state.m / max_per_gene, 1))), *_SUB_BINS)
     n_sub = np.where(narrow, np.where((lo > 0) & (hi < 1e300), want, 1), 0).astype(np.int64)
     step = np.where(narrow, (hi - lo) / np.maximum(n_sub, 1), 0.0)
-    params = runner.put((lo, hi, step, n_sub))
-    hist = runner.histogram(functools.partial(narrow_batch, n_genes=n_genes, params=params), True)
-    width = int(n_sub.max())
-    key, count, vmin, vmax = (hist[c].to_numpy() for c in _HIST.names)
-    state.update(key // width, count, vmin, vmax, narrow, attained=True)
-    logger.info("medians pass %d: narrowed %d genes", runner.passes, int(narrow.sum()))
+    return (lo, hi, step, n_sub), _specs("narrow", n_sub, int(n_sub.max()), budget, active=narrow)
 
 
 def medians_to_table(

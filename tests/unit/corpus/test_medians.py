@@ -237,3 +237,38 @@ def test_outer_bins() -> None:
     assert 1 < sketch.relative_error_bound < 10  # a decade bin
     assert abs(sketch.medians[0] / expected[0] - 1) <= sketch.relative_error_bound
     assert M.compute_medians([table], 2, method="sketch").relative_error_bound > 1e100
+
+
+def test_plan_ranges_within_budget() -> None:
+    from cellfoundry.corpus.median_reduce import plan_ranges
+
+    slots = np.array([0, 3, 3, 0, 0, 10, 1, 1, 0, 2])
+    assert plan_ranges(slots, "hist", 6 * 8) == [(1, 5), (5, 6), (6, 10)]  # gene 5 alone
+    assert plan_ranges(slots, "collect", 10**9) == [(1, 10)]
+    assert plan_ranges(np.zeros(4, np.int64), "narrow", 100) == []
+    for budget in (1, 30, 200):
+        ranges = plan_ranges(slots, "narrow", budget)
+        covered = np.zeros(slots.size, bool)
+        for g0, g1 in ranges:
+            covered[g0:g1] = True
+            assert g1 - g0 == 1 or slots[g0:g1].sum() * 24 <= budget
+        assert covered[slots > 0].all()
+
+
+def test_reducer_memory_bounded_by_budget_not_by_cells(cells: pa.Table) -> None:
+    """Reducers never hold more than reducer_bytes, at 1x and 8x the cells, and the
+    histogram reducers' state is the same at both sizes; medians stay bitwise exact."""
+    budget = 120_000  # > one gene's slots in every pass: 2,073 bins x 8 B, 4,096 x 24 B
+    runs = {}
+    for copies in (1, 8):
+        table = pa.concat_tables([cells] * copies)
+        expected, _ = reference(table)
+        result = M.compute_medians(
+            [table], N_GENES, max_values_per_gene=50, batch_size=500, reducer_bytes=budget
+        )
+        assert result.medians.tobytes() == expected.tobytes()
+        assert result.reducers >= 8 and 0 < result.reducer_peak_bytes <= budget
+        runs[copies] = result
+    one = M.compute_medians([cells], N_GENES, max_values_per_gene=50, batch_size=500)
+    assert one.reducers == 1 and one.reducer_peak_bytes > budget  # the default: one range
+    assert one.medians.tobytes() == runs[1].medians.tobytes()
