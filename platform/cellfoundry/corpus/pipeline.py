@@ -176,7 +176,7 @@ def _cells_stage(
         _drop_stale_parts(work, p)
     parts = [(p, f) for p in good for f in sorted(ingest.part_dir(work, p).glob("part-*.parquet"))]
     files = [str(f) for _, f in parts]
-    duplicates: tuple[np.ndarray, np.ndarray] = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    duplicates = dedup.DuplicateIndex()  # where the duplicates are, never them all
     if cfg.qc.deduplicate_cells:
         panels = {
             p.entry.id: np.bincount(p.col_map[p.col_map >= 0], minlength=len(genes)) > 0
@@ -184,7 +184,7 @@ def _cells_stage(
         }
         duplicates = dedup.find_duplicates(
             files, panels, min_identity=cfg.qc.duplicate_min_identity,
-            num_partitions=_n_partitions(sum(p.n_cells for p in good)),
+            num_partitions=_n_partitions(sum(p.n_cells for p in good)), out_dir=work / "dedup",
         )  # fmt: skip
     with artifacts.write_artifact(path, "cells", stage_cfg, {"catalog": catalog_path}) as w:
         genes_table = pa.table({
@@ -198,8 +198,8 @@ def _cells_stage(
             for p, f in parts
         ]  # fmt: skip
         results = run_per_item(
-            items, qc.AssignQCFiles, pool=cfg.compute, thresholds=thresholds,
-            duplicate_orders=duplicates[0],
+            items, dedup.AssignQCParts, pool=cfg.compute, thresholds=thresholds,
+            duplicates=duplicates,
         )  # fmt: skip
         w.counts = _reconcile(results, entries, dataset_status, by_id)
         w.extra["datasets"] = dataset_status
