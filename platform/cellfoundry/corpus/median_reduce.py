@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 #: gene id and a value plus the sort's copies and order (collection)
 SLOT_BYTES = {"hist": 8, "narrow": 24, "collect": 32}
 _INFLIGHT_PER_REDUCER = 2  # blocks queued per reducer before the driver waits
+_ADD_ROWS = 1 << 20  # partial rows merged at a time (~40 MB of temporaries)
 
 
 def plan_ranges(slots: np.ndarray, kind: str, budget: int) -> list[tuple[int, int]]:
@@ -78,7 +79,13 @@ class RangeReducer:
         return self.count.nbytes * SLOT_BYTES[self.kind] // 8
 
     def add(self, table: pa.Table) -> int:
-        """Merge one partial table (rows of other genes are skipped); rows taken."""
+        """Merge one partial table (rows of other genes are skipped); rows taken. Works
+        through it in slices of _ADD_ROWS, so the temporaries stay small whatever the
+        block size."""
+        n = table.num_rows  # Ray Data may pass an empty block on without the map
+        return sum(self._add(table.slice(i, _ADD_ROWS)) for i in range(0, n, _ADD_ROWS))
+
+    def _add(self, table: pa.Table) -> int:
         if self.kind == "collect":
             gene = table["gene"].to_numpy()
             keep = (gene >= self.g0) & (gene < self.g1)

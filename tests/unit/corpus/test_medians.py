@@ -272,3 +272,13 @@ def test_reducer_memory_bounded_by_budget_not_by_cells(cells: pa.Table) -> None:
     one = M.compute_medians([cells], N_GENES, max_values_per_gene=50, batch_size=500)
     assert one.reducers == 1 and one.reducer_peak_bytes > budget  # the default: one range
     assert one.medians.tobytes() == runs[1].medians.tobytes()
+
+
+def test_range_reducer_skips_empty_blocks_and_other_genes() -> None:
+    from cellfoundry.corpus.median_reduce import RangeReducer
+
+    r = RangeReducer("hist", 2, 4, 3, np.full(2, 3), {"edges": np.arange(4.0), "sketch": False})
+    assert r.add(pa.table({"gene_ids": pa.array([], pa.list_(pa.int32()))})) == 0  # no map
+    keys = pa.array(np.array([0, 6, 6, 11, 12], np.int64))  # genes 0, 2, 2, 3, 4
+    assert r.add(pa.table({"key": keys, "count": pa.array([5, 1, 2, 4, 9])})) == 3
+    assert r.count.tolist() == [3, 0, 0, 0, 0, 4] and r.peak == 6 * 8
