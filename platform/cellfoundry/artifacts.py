@@ -45,6 +45,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -151,6 +152,63 @@ def data_files(path: str | Path, pattern: str = "*") -> list[str]:
     else:
         names = [n for n in storage.list_files(root) if n != MANIFEST]
     return [storage.join(root, n) for n in sorted(names) if fnmatch.fnmatch(n, pattern)]
+
+
+CACHE_ENV = "CELLFOUNDRY_CACHE_DIR"
+
+
+def cache_root() -> Path:
+    """Where remote artifacts are cached on this machine (:func:`localize`):
+    ``$CELLFOUNDRY_CACHE_DIR/artifacts``, else ``~/.cache/cellfoundry/artifacts``."""
+    base = os.environ.get(CACHE_ENV) or str(Path.home() / ".cache" / "cellfoundry")
+    return Path(base) / "artifacts"
+
+
+def localize(path: str | Path) -> Path:
+    """A local folder holding the complete artifact at ``path``: ``path`` itself when it is
+    local; for an object-store URI, a copy of its manifest and the data files it lists in
+    :func:`cache_root`, downloaded once per machine and manifest (a new artifact at the same
+    URI has a new manifest, so a new copy). For what must be a local folder to be read (a
+    model for ``from_pretrained``, a vocabulary); large tabular data is read in place
+    (:func:`data_files`). Sizes are checked against the manifest; the copy appears whole
+    (temp folder, then rename), so concurrent callers on one node never see half of it."""
+    if not storage.is_remote(path):
+        return Path(path)
+    uri = storage.normalize(path)
+    raw = _manifest_bytes(uri)
+    if raw is None:
+        raise ArtifactError(
+            f"{uri}: no {MANIFEST} there, so no complete artifact (a run that did not finish "
+            "leaves none); check the URI, or rerun the stage that writes it"
+        )
+    key = hashlib.sha256(uri.encode() + b"\0" + raw).hexdigest()[:24]
+    dest = cache_root() / key
+    if (dest / MANIFEST).is_file():
+        return dest
+    manifest = json.loads(raw)
+    root = data_uri(uri)
+    dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = dest.with_name(f".{key}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        for rel, size in manifest.get("data_files", {}).items():
+            target = tmp / rel
+            storage.download_file(storage.join(root, rel), target)
+            if target.stat().st_size != int(size):
+                raise ArtifactError(
+                    f"{uri}: {rel} is {target.stat().st_size} bytes, its manifest says {size}; "
+                    "the artifact was changed after it was written: rerun the stage that writes it"
+                )
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / MANIFEST).write_bytes(raw)
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another process on this node finished first: use its copy
+            if not (dest / MANIFEST).is_file():
+                raise
+        logger.info("cached %s in %s", uri, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
 
 
 _OVERWRITE: ContextVar[bool] = ContextVar("cellfoundry_overwrite", default=False)
@@ -397,6 +455,7 @@ class ArtifactWriter:
     fingerprint: str
     counts: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    _staging: Path | None = field(default=None, repr=False)
 
     @property
     def remote(self) -> bool:
@@ -405,13 +464,15 @@ class ArtifactWriter:
 
     @property
     def dir(self) -> Path:
-        """Where to write files (a temporary folder until the artifact is committed);
-        local artifacts only (object storage: :attr:`uri` and :mod:`cellfoundry.storage`)."""
+        """A local folder to write files into (a temp folder until the artifact commits).
+
+        On object storage this is a staging folder on this machine, uploaded into the run's
+        data sub-prefix just before the commit: fine for what the driver writes (a model,
+        a report). What Ray tasks on other nodes write goes through :attr:`uri` instead."""
         if self.remote:
-            raise ArtifactError(
-                f"{self.path}: this step writes through local paths only; write it to a "
-                "local or mounted path (object storage is not wired for it yet)"
-            )
+            if self._staging is None:
+                self._staging = Path(tempfile.mkdtemp(prefix="cf-stage-"))
+            return self._staging
         return Path(self.tmp)
 
     @property
@@ -502,6 +563,8 @@ def _write_remote(
         committed = False
         try:
             yield writer
+            if writer._staging is not None:
+                storage.upload_dir(writer._staging, data)
             manifest = {**writer.manifest(), "data": run, "data_files": storage.list_files(data)}
             found = check_output(uri, kind, overwrite=claim.overwrite)  # changed meanwhile?
             try:
@@ -521,6 +584,8 @@ def _write_remote(
                 storage.delete_prefix(storage.join(uri, previous))
             logger.info("wrote %s artifact %s", kind, uri)
         finally:
+            if writer._staging is not None:
+                shutil.rmtree(writer._staging, ignore_errors=True)
             if not committed:
                 try:
                     storage.delete_prefix(data)

@@ -268,6 +268,45 @@ def write_parquet(table: pa.Table, path: str, filesystem: pafs.FileSystem | None
         pq.write_table(table, path, filesystem=filesystem)
 
 
+def upload_dir(local: str | Path, dest: str | Path) -> dict[str, int]:
+    """Copy every file under the local folder ``local`` to ``dest`` (a folder or prefix),
+    keeping relative paths; returns ``{relative path: size}`` of what was copied. Each
+    object appears whole; a failure part-way leaves some objects (the caller's prefix is
+    run-unique, see :mod:`cellfoundry.artifacts`)."""
+    root = Path(local)
+    done: dict[str, int] = {}
+    for file in sorted(f for f in root.rglob("*") if f.is_file()):
+        rel = file.relative_to(root).as_posix()
+        fs, p = resolve(join(dest, rel))
+        try:
+            pafs.copy_files(str(file), p, source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=fs)  # fmt: skip
+        except OSError as exc:
+            raise _wrap(dest, exc) from exc
+        done[rel] = file.stat().st_size
+    return done
+
+
+def download_file(src: str | Path, local: str | Path) -> None:
+    """Copy one file or object to the local path ``local`` (parents created), streamed
+    (never held whole in memory); the file appears whole (temp name, then rename)."""
+    file = Path(local)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.name}.tmp-{uuid.uuid4().hex[:8]}")
+    fs, p = resolve(src)
+    try:
+        pafs.copy_files(p, str(tmp), source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem())  # fmt: skip
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if is_remote(src) and fs.get_file_info(p).type == pafs.FileType.NotFound:
+            raise FileNotFoundError(str(src)) from None
+        raise _wrap(src, exc) from exc
+    os.replace(tmp, file)
+
+
 def info(path: str | Path) -> pafs.FileInfo:
     """pyarrow's ``FileInfo`` of ``path`` (type NotFound, File or Directory)."""
     fs, p = resolve(path)

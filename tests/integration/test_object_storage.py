@@ -66,8 +66,6 @@ def test_write_artifact_commits_with_the_manifest_last(s3: S3Prefix) -> None:
         assert not storage.exists(storage.join(uri, "manifest.json"))  # nothing trusted yet
         with pytest.raises(artifacts.ArtifactError, match="not a complete artifact"):
             artifacts.read_manifest(uri)
-        with pytest.raises(artifacts.ArtifactError, match="local paths only"):
-            _ = w.dir
         w.counts = {"n": 1}
     manifest = artifacts.read_manifest(uri, "cells")
     run1 = manifest["data"]
@@ -96,6 +94,44 @@ def test_write_artifact_commits_with_the_manifest_last(s3: S3Prefix) -> None:
     assert run3 != run1
     assert s3.objects("cells") == [f"cells/{run3}/part-0.txt", "cells/manifest.json"]
     assert [storage.read_text(f) for f in artifacts.data_files(uri)] == ["v3"]
+
+
+def test_driver_files_are_staged_then_uploaded_and_localize_caches_the_artifact(
+    s3: S3Prefix, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(artifacts.CACHE_ENV, str(tmp_path / "cache"))
+    uri = s3.uri("model")
+    with artifacts.write_artifact(uri, "model", {"v": 1}) as w:
+        staging = w.dir  # a local folder on this machine, uploaded just before the commit
+        (staging / "config.json").write_text("{}")
+        (staging / "state").mkdir()
+        (staging / "state" / "w.bin").write_bytes(b"\x01" * 1000)
+        storage.write_text(storage.join(w.uri, "direct.txt"), "from a task")
+        assert not storage.exists(storage.join(uri, "manifest.json"))
+    assert not staging.exists()  # removed after the upload
+    manifest = artifacts.read_manifest(uri, "model")
+    assert manifest["data_files"] == {"config.json": 2, "direct.txt": 11, "state/w.bin": 1000}
+
+    local = artifacts.localize(uri)
+    assert local.parent == tmp_path / "cache" / "artifacts"
+    assert (local / "state" / "w.bin").read_bytes() == b"\x01" * 1000
+    assert artifacts.read_manifest(local, "model")["fingerprint"] == manifest["fingerprint"]
+    assert artifacts.localize(uri) == local  # cached: the same manifest, the same copy
+    assert artifacts.localize(tmp_path) == tmp_path  # a local path is itself
+
+    with artifacts.write_artifact(uri, "model", {"v": 2}) as w:  # a new artifact, a new copy
+        (w.dir / "config.json").write_text('{"v": 2}')
+    fresh = artifacts.localize(uri)
+    assert fresh != local and (fresh / "config.json").read_text() == '{"v": 2}'
+    assert not (fresh / "direct.txt").exists()
+
+    with pytest.raises(artifacts.ArtifactError, match=r"no manifest.json there.*rerun the stage"):
+        artifacts.localize(s3.uri("nothing"))
+    storage.write_text(storage.join(artifacts.data_uri(uri), "config.json"), "{changed}")
+    monkeypatch.setenv(artifacts.CACHE_ENV, str(tmp_path / "cache2"))
+    with pytest.raises(artifacts.ArtifactError, match="changed after it was written"):
+        artifacts.localize(uri)
+    assert list((tmp_path / "cache2" / "artifacts").iterdir()) == []  # no half copy left
 
 
 def test_objects_cellfoundry_did_not_write_are_refused(s3: S3Prefix) -> None:
