@@ -406,8 +406,8 @@ def _refuse_unwired(path: str | Path, kind: str | None, object_storage: bool) ->
     if unwired:
         what = f"the {kind} stage" if kind else "this stage"
         raise ArtifactError(
-            f"{path}: {what} cannot write to object storage yet (only `cellfoundry "
-            "tokenize` can); write it to a local or mounted path"
+            f"{path}: {what} cannot write to object storage yet (see docs/scaling.md "
+            "for the stages that can); write it to a local or mounted path"
         )
 
 
