@@ -86,9 +86,14 @@ def _evaluate_probe(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from cellfoundry.demo import run_demo
 
-    summary = run_demo(synthetic=True if args.synthetic else None, serve_api=not args.no_serve)
+    summary = run_demo(
+        synthetic=True if args.synthetic else None,
+        serve_api=not args.no_serve,
+        output=args.output,
+    )
     print(json.dumps(summary["steps"], indent=2, default=str))
-    print(f"\ndemo over {summary['data']}; seconds per step: {summary['seconds']}")
+    print(f"\ndemo over {summary['data']} into {summary['output']}; seconds per step: "
+          f"{summary['seconds']}")  # fmt: skip
     print("\nartifacts:\n  " + "\n  ".join(summary["artifacts"]))
     print("\npictures:\n  " + "\n  ".join(summary["pictures"]))
     return 0
@@ -225,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--no-serve", action="store_true", help="skip starting and querying the HTTP API"
+    )
+    p.add_argument(
+        "--output",
+        metavar="ROOT",
+        help="root of every output instead of artifacts/smoke: a folder or s3://bucket/prefix "
+        "(endpoint and keys from the AWS environment: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)",
     )
     p.set_defaults(func=_demo)
 

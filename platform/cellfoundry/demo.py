@@ -6,18 +6,25 @@ a summary of every artifact and picture. Each step is the same library call its 
 entrypoint makes, with the ``smoke`` config of its stage (``jobs/configs/<stage>/smoke.yaml``).
 Over the real data in ../shared/data when present; otherwise over generated data
 (``cellfoundry synth``). Reruns reuse finished artifacts.
+
+``output`` (``cellfoundry demo --output ROOT``) puts every artifact, run folder and picture
+under ROOT instead of ``artifacts/smoke``: another local folder, or an object-store prefix
+(``s3://bucket/demo``, with the standard AWS environment), where every stage reads its
+inputs from and writes its outputs to the bucket.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cellfoundry import runtime
+from cellfoundry import artifacts, runtime, storage
 from cellfoundry.config import RayConfig
 from cellfoundry.paths import REPO_ROOT, shared_path
 
@@ -25,10 +32,38 @@ logger = logging.getLogger(__name__)
 
 CONFIGS = REPO_ROOT / "jobs" / "configs"
 SMOKE = REPO_ROOT / "artifacts" / "smoke"
+#: How the smoke configs name the demo's output root (rewritten for ``--output``).
+SMOKE_PREFIX = "artifacts/smoke"
+_ROOT: dict[str, str] = {}  # the output root of the running demo, when not the default
+_CONFIG_DIR: list[Path] = []  # where the rewritten configs go (removed when the demo ends)
+
+
+def _reset_root(root: str | None) -> None:
+    _ROOT.clear()
+    if root is not None:
+        _ROOT["root"] = root
+    while _CONFIG_DIR:
+        shutil.rmtree(_CONFIG_DIR.pop(), ignore_errors=True)
 
 
 def _config(stage: str, name: str = "smoke") -> str:
-    return str(CONFIGS / stage / f"{name}.yaml")
+    path = CONFIGS / stage / f"{name}.yaml"
+    root = _ROOT.get("root")
+    if root is None:
+        return str(path)
+    # The smoke configs are the demo's single source of truth; only their output root
+    # changes, so they are copied with every artifacts/smoke path moved under ``root``.
+    if not _CONFIG_DIR:
+        _CONFIG_DIR.append(Path(tempfile.mkdtemp(prefix="cf-demo-configs-")))
+    out = _CONFIG_DIR[0] / stage / path.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(path.read_text().replace(SMOKE_PREFIX, root))
+    return str(out)
+
+
+def demo_root() -> str:
+    """The output root of the demo being run (``artifacts/smoke`` unless ``--output``)."""
+    return _ROOT.get("root") or str(SMOKE)
 
 
 # The smoke configs name pbmc_facs and real marker genes; on generated data the labelled
@@ -63,14 +98,14 @@ def _corpus_step(synthetic: bool) -> dict[str, Any]:
         return {"artifacts": result.paths(), "counts": result.counts}
     from cellfoundry.corpus.synthetic import generate_synthetic
 
-    data = SMOKE.parent / "synthetic" / "data"
+    data = SMOKE.parent / "synthetic" / "data"  # the sources stay local
     gen = generate_synthetic(data)
     result = run_corpus_job(
         _config("corpus", "synthetic"),
         [
             f"corpus.catalog={gen.catalog}",
             f"corpus.gene_table={gen.gene_table}",
-            f"corpus.output_dir={SMOKE}",
+            f"corpus.output_dir={demo_root()}",
         ],
     )
     return {"artifacts": result.paths(), "counts": result.counts, "synthetic_data": str(data)}
@@ -89,7 +124,8 @@ def query_serve(url: str, cell: dict[str, int], classifier: str | None) -> dict[
     }
     from cellfoundry.serve import CellTokenizer
 
-    tokenizer = CellTokenizer.for_model(SMOKE / "model")  # the server's, in-process
+    # the server's tokenizer, in-process (a model on object storage is cached locally first)
+    tokenizer = CellTokenizer.for_model(artifacts.localize(storage.join(demo_root(), "model")))
     names = {v: k for k, v in tokenizer.token_dictionary.items()}
     top = [names[int(i)] for i in tokenizer.tokenize(cell)[0][1:3]]  # the two top-ranked genes
     pert = requests.post(
@@ -114,10 +150,8 @@ def query_serve(url: str, cell: dict[str, int], classifier: str | None) -> dict[
     return out
 
 
-def _serve_step(finetuned: Path | None) -> dict[str, Any]:
-    import glob
-
-    import polars as pl
+def _serve_step(finetuned: str | None) -> dict[str, Any]:
+    import pyarrow.parquet as pq
     from ray import serve
 
     from cellfoundry.config import load_config
@@ -128,10 +162,11 @@ def _serve_step(finetuned: Path | None) -> dict[str, Any]:
     cfg = load_config(ServeJobConfig, _config("serve"), overrides)
     handle = run_serve(cfg)
     try:
-        genes = pl.read_parquet(SMOKE / "cells" / "genes.parquet")["ensembl_id"].to_list()
-        row = pl.read_parquet(
-            sorted(glob.glob(str(SMOKE / "cells" / "data" / "part-*.parquet")))[0]
-        ).row(0, named=True)
+        cells = storage.join(demo_root(), "cells")
+        fs, path = storage.resolve(artifacts.data_files(cells, "genes.parquet")[0])
+        genes = pq.read_table(path, filesystem=fs)["ensembl_id"].to_pylist()
+        fs, path = storage.resolve(artifacts.data_files(cells, "data/part-*.parquet")[0])
+        row = pq.ParquetFile(path, filesystem=fs).read_row_group(0).slice(0, 1).to_pylist()[0]
         cell = {genes[g]: int(c) for g, c in zip(row["gene_ids"], row["counts"], strict=True)}
         return {"url": handle.url, **query_serve(handle.url, cell, "cells" if finetuned else None)}
     finally:
@@ -146,19 +181,41 @@ def _probe_step(overrides: list[str]) -> dict[str, Any]:
     return {"output_dir": cfg.output_dir, "summary": run_probe(cfg).get("summary")}
 
 
-def outputs(root: Path = SMOKE) -> dict[str, list[str]]:
-    """Every artifact (a folder with manifest.json) and picture (PNG) under ``root``."""
+def outputs(root: str | Path = SMOKE) -> dict[str, list[str]]:
+    """Every artifact (a folder or prefix with manifest.json) and picture (PNG) under
+    ``root``; on object storage only pictures inside committed artifacts."""
+    names = storage.list_files(root)
+    found = sorted(
+        storage.parent(storage.join(root, n))
+        for n in names
+        if storage.name(n) == artifacts.MANIFEST and "_work" not in n.split("/")
+    )
     return {
-        "artifacts": sorted(
-            str(p.parent) for p in root.rglob("manifest.json") if "_work" not in p.parts
-        ),
-        "pictures": sorted(str(p) for p in root.rglob("*.png")),
+        "artifacts": found,
+        "pictures": sorted(storage.join(root, n) for n in names if n.endswith(".png")),
     }
 
 
-def run_demo(*, synthetic: bool | None = None, serve_api: bool = True) -> dict[str, Any]:
+def run_demo(
+    *, synthetic: bool | None = None, serve_api: bool = True, output: str | None = None
+) -> dict[str, Any]:
     """Run every stage's smoke config in order on one local cluster; return the summary
-    (per-step results and seconds, every artifact and picture)."""
+    (per-step results and seconds, every artifact and picture). ``output``: the root of
+    every output (a local folder or ``s3://bucket/prefix``) instead of ``artifacts/smoke``."""
+    root = None
+    if output is not None:
+        remote = storage.is_remote(output)
+        root = storage.normalize(output) if remote else str(Path(output).resolve())
+        if remote:
+            storage.check_reachable(root)  # a wrong bucket or endpoint fails before any work
+    _reset_root(root)
+    try:
+        return _run_demo(synthetic, serve_api)
+    finally:
+        _reset_root(None)
+
+
+def _run_demo(synthetic: bool | None, serve_api: bool) -> dict[str, Any]:
     from cellfoundry.evaluate.batch import run_batch_job
     from cellfoundry.evaluate.masked import run_masked_job
     from cellfoundry.infer.embed_job import run_embed_job
@@ -195,17 +252,20 @@ def run_demo(*, synthetic: bool | None = None, serve_api: bool = True) -> dict[s
     )
     steps["evaluate_probe"] = _step("evaluate probe", lambda: _probe_step(extra("probe")), t)
     if serve_api:
-        finetuned = SMOKE / "finetuned"
+        finetuned = storage.join(demo_root(), "finetuned")
+        has_classifier = storage.exists(storage.join(finetuned, artifacts.MANIFEST))
         steps["serve"] = _step(
-            "serve",
-            lambda: _serve_step(finetuned if (finetuned / "finetune.json").is_file() else None),
-            t,
+            "serve", lambda: _serve_step(finetuned if has_classifier else None), t
         )
     summary = {
         "data": "synthetic" if synthetic else "../shared/data",
         "seconds": t,
         "steps": steps,
-        **outputs(),
+        "output": demo_root(),
+        **outputs(demo_root()),
     }
-    (SMOKE / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    storage.write_text(
+        storage.join(demo_root(), "demo_summary.json"),
+        json.dumps(summary, indent=2, default=str) + "\n",
+    )
     return summary
