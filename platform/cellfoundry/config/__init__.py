@@ -29,6 +29,7 @@ from cellfoundry.config.train import (
     RunConfig,
     ScalingConfig,
     TrackingConfig,
+    ValidationConfig,
 )
 from cellfoundry.config.tune import (
     ASHAConfig,
@@ -88,6 +89,7 @@ __all__ = [
     "TrackingConfig",
     "TuneConfig",
     "TuneJobConfig",
+    "ValidationConfig",
     "config_to_dict",
     "load_config",
     "parse_config",
