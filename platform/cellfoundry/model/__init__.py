@@ -4,7 +4,8 @@
   Geneformer-style ``BertForMaskedLM`` sizes from ``tiny`` to ``gf-316m``, SDPA attention.
 - :class:`MaskingCollator`: pad and mask 15% of gene tokens (80/10/10), never specials.
 - :class:`LengthGroupedBatches`, :func:`padding_fraction`: batches of similar lengths;
-  :func:`pack_batch`: several cells per row with a block-diagonal mask.
+  :func:`pack` / :func:`pack_batch`: several cells per row, never attending to each other
+  (FlexAttention document mask, :func:`use_flex_attention`, or a dense block-diagonal one).
 - :func:`save_checkpoint`, :func:`load_model`, :func:`load_token_dictionary_for`: HF
   directories that plain ``BertForMaskedLM.from_pretrained`` loads; released Geneformer
   folders load too.
@@ -22,7 +23,13 @@ from cellfoundry.model.checkpoint import (
     save_checkpoint,
 )
 from cellfoundry.model.masking import IGNORE_INDEX, MaskingCollator
-from cellfoundry.model.packing import first_fit_decreasing, pack_batch
+from cellfoundry.model.packing import (
+    Packing,
+    first_fit_decreasing,
+    pack,
+    pack_batch,
+    use_flex_attention,
+)
 from cellfoundry.model.presets import PRESETS, ModelPreset, PresetError, bert_config, get_preset
 
 __all__ = [
@@ -35,6 +42,7 @@ __all__ = [
     "LengthGroupedBatches",
     "MaskingCollator",
     "ModelPreset",
+    "Packing",
     "PresetError",
     "bert_config",
     "build_model",
@@ -44,7 +52,9 @@ __all__ = [
     "load_checkpoint_extra",
     "load_model",
     "load_token_dictionary_for",
+    "pack",
     "pack_batch",
     "padding_fraction",
     "save_checkpoint",
+    "use_flex_attention",
 ]
