@@ -10,7 +10,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from cellfoundry.paths import expand
+from cellfoundry.config.tune import location
+from cellfoundry.storage import is_remote, join, parent
 
 
 @dataclass
@@ -50,12 +51,14 @@ class MaskedEvalConfig:
     """What ``cellfoundry evaluate masked`` reads."""
 
     model: str
-    """Model directory (config.json, model.safetensors, token_dictionary.json)."""
+    """Model directory (config.json, model.safetensors, token_dictionary.json), or the
+    ``s3://`` / ``gs://`` URI of a model artifact (downloaded once per machine)."""
     tokenized: str
-    """Tokenized artifact: ``part-*.parquet`` shards with ``cell_id`` and ``input_ids``."""
+    """Tokenized artifact (folder or URI): ``part-*.parquet`` shards with ``cell_id`` and
+    ``input_ids``."""
     output_dir: str | None = None
-    """Where metrics.json, report.md, per_cell.parquet and the PNGs go; default: a folder
-    ``<model name>-eval-masked`` beside the model directory."""
+    """Where metrics.json, report.md, per_cell.parquet and the PNGs go (a folder or an
+    ``s3://`` / ``gs://`` prefix); default: ``<model name>-eval-masked`` beside the model."""
     holdout: HoldoutConfig = field(default_factory=HoldoutConfig)
     mask_fraction: float = 0.15
     """Share of each cell's gene tokens replaced by ``<mask>`` (at least one per cell)."""
@@ -75,12 +78,12 @@ class MaskedEvalConfig:
     """Also report accuracies per value of this metadata column (null: no breakdown)."""
 
     def __post_init__(self) -> None:
-        self.model = os.path.abspath(expand(self.model))
-        self.tokenized = os.path.abspath(expand(self.tokenized))
+        self.model = location(self.model)
+        self.tokenized = location(self.tokenized)
         if self.output_dir is None:
-            name = os.path.basename(self.model.rstrip("/"))
-            self.output_dir = os.path.join(os.path.dirname(self.model), f"{name}-eval-masked")
-        self.output_dir = os.path.abspath(expand(self.output_dir))
+            name = self.model.rstrip("/").rpartition("/")[2]
+            self.output_dir = join(parent(self.model), f"{name}-eval-masked")
+        self.output_dir = location(self.output_dir)
         if not 0.0 < self.mask_fraction < 1.0:
             raise ValueError("mask_fraction must lie in (0, 1); Geneformer masks 0.15")
         if self.max_length is not None and self.max_length < 3:
@@ -103,7 +106,8 @@ class BatchEvalConfig:
     gene_embeddings: str | None = None
     """Gene embeddings Parquet (ensembl_id, token_id, group, n_cells, embedding); null: the
     ``genes.parquet`` that ``cellfoundry embed`` writes beside the .h5ad
-    (``<embeddings stem>.embeddings/genes.parquet``) when it exists; "none": skip genes.
+    (``<embeddings stem>.embeddings/genes.parquet``) when it exists (local embeddings only:
+    with an ``s3://`` / ``gs://`` URI, name the file); "none": skip genes.
     The separability index needs them grouped (e.g. embed with group_by: dataset_id)."""
     output_dir: str | None = None
     """Where metrics.json, report.md and the PNGs go; default: ``<embeddings stem>-eval-batch``
@@ -127,8 +131,10 @@ class BatchEvalConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        self.embeddings = os.path.abspath(expand(self.embeddings))
-        if self.gene_embeddings is None:
+        self.embeddings = location(self.embeddings)
+        if self.gene_embeddings is None and is_remote(self.embeddings):
+            pass  # not probed here (no network while a config loads): name it to use it
+        elif self.gene_embeddings is None:
             beside = os.path.join(
                 os.path.splitext(self.embeddings)[0] + ".embeddings", "genes.parquet"
             )
@@ -136,11 +142,11 @@ class BatchEvalConfig:
         elif self.gene_embeddings.lower() in ("none", ""):
             self.gene_embeddings = None
         else:
-            self.gene_embeddings = os.path.abspath(expand(self.gene_embeddings))
+            self.gene_embeddings = location(self.gene_embeddings)
         if self.output_dir is None:
             stem = os.path.splitext(self.embeddings)[0]
             self.output_dir = f"{stem}-eval-batch"
-        self.output_dir = os.path.abspath(expand(self.output_dir))
+        self.output_dir = location(self.output_dir)
         if self.max_pairs < 1 or self.max_nn < 2:
             raise ValueError("max_pairs must be >= 1 and max_nn >= 2")
         if self.min_gene_cells < 1:

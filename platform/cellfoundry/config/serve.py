@@ -7,6 +7,7 @@ from typing import Literal
 
 from cellfoundry.config.schema import RayConfig
 from cellfoundry.paths import expand
+from cellfoundry.storage import is_remote
 
 
 @dataclass
@@ -111,7 +112,9 @@ class ServeJobConfig:
     """Stage 5: a model behind an HTTP API (``/embed``, ``/classify``, ``/perturb``, ``/healthz``)."""
 
     model: str
-    """A model directory (``BertForMaskedLM``; config.json, weights, token_dictionary.json)."""
+    """A model directory (``BertForMaskedLM``; config.json, weights, token_dictionary.json).
+    Not an ``s3://`` / ``gs://`` URI yet (refused): the app reads the token dictionary and
+    gene medians from a folder."""
     gene_medians: str | None = None
     """``gene_median_dictionary.json`` (Ensembl ID -> non-zero median) used to tokenize raw
     counts on the server; None: the file beside the model, else the corpus vocabulary the
@@ -119,8 +122,10 @@ class ServeJobConfig:
     gene_table: str | None = None
     """Gene table to map symbols to Ensembl IDs (None: the shared default table)."""
     classifiers: dict[str, str] = field(default_factory=dict)
-    """name -> a fine-tuned classifier directory (full model or LoRA adapter with its base),
-    chosen per request by ``"classifier": name`` on ``/classify`` (multiplexed)."""
+    """name -> a fine-tuned classifier directory (full model or LoRA adapter with its base)
+    or the URI of a ``finetuned`` artifact, chosen per request by ``"classifier": name`` on
+    ``/classify`` (multiplexed). Not URIs yet (refused): the app pins them as local paths;
+    :mod:`cellfoundry.serve.loading` itself already loads URIs (a node's cached copy)."""
     precision: Literal["auto", "fp32", "bf16", "int8"] = "auto"
     """Weights: int8 (bitsandbytes LLM.int8), bf16, fp32; auto = bf16 on a GPU, fp32 on CPU."""
     layer: int = -2
@@ -151,5 +156,13 @@ class ServeJobConfig:
         if self.gene_table is not None:
             self.gene_table = expand(self.gene_table)
         self.classifiers = {k: expand(v) for k, v in self.classifiers.items()}
+        remote = [f"{k}: {v}" for k, v in [("model", self.model), *self.classifiers.items()]
+                  if is_remote(v)]  # fmt: skip
+        if remote:
+            raise ValueError(
+                f"{', '.join(remote)}: serving does not read object storage yet (the app "
+                "reads the tokenizer files from the model folder and pins paths as local); "
+                "copy the artifact to a local or mounted folder and point the config at it"
+            )
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ValueError("num_cpus and num_gpus must be >= 0")

@@ -15,6 +15,16 @@ from typing import Any, Literal
 from cellfoundry.config.schema import RayConfig
 from cellfoundry.config.train import RunConfig, ScalingConfig
 from cellfoundry.paths import expand
+from cellfoundry.storage import is_remote, normalize
+
+
+def location(path: str) -> str:
+    """A configured path or URI made canonical: ``{shared}``, ``$VARS`` and ``~`` expanded;
+    an object-store URI (``s3://``, ``gs://``) kept as a URI, a local path made absolute.
+    (``os.path.abspath`` alone would turn ``s3://b/k`` into a local ``.../s3:/b/k``.)"""
+    path = expand(path)
+    return normalize(path) if is_remote(path) else os.path.abspath(path)
+
 
 #: Baselines on normalised counts of highly variable genes (scikit-learn).
 BASELINES = ("logreg", "random_forest", "svm")
@@ -25,10 +35,11 @@ class LabelDataConfig:
     """Labelled cells: tokens from a ``tokenized`` artifact, raw counts from ``cells``."""
 
     tokenized: str
-    """Folder of ``part-*.parquet`` shards (``cell_id``, ``input_ids``, metadata columns)."""
+    """Folder of ``part-*.parquet`` shards (``cell_id``, ``input_ids``, metadata columns), or
+    the ``s3://`` / ``gs://`` URI of a tokenized artifact (its manifest lists the shards)."""
     cells: str | None = None
-    """The ``cells`` artifact (raw counts) for the baselines; default: ``cells`` beside
-    ``tokenized`` when it exists. Cells join on ``cell_id``."""
+    """The ``cells`` artifact (raw counts, a folder or URI) for the baselines; default:
+    ``cells`` beside ``tokenized`` when it exists. Cells join on ``cell_id``."""
     label_column: str = "cell_type"
     """Metadata column of the cell labels (cell task); cells with a null label are dropped."""
     dataset_ids: list[str] = field(default_factory=list)
@@ -47,9 +58,9 @@ class LabelDataConfig:
     """Classes with fewer labelled cells are dropped (with a warning)."""
 
     def __post_init__(self) -> None:
-        self.tokenized = os.path.abspath(expand(self.tokenized))
+        self.tokenized = location(self.tokenized)
         if self.cells is not None:
-            self.cells = os.path.abspath(expand(self.cells))
+            self.cells = location(self.cells)
         if self.max_length is not None and self.max_length < 3:
             raise ValueError("data.max_length must be >= 3 (or null for the model's maximum)")
         if self.batch_size < 1:
@@ -110,7 +121,7 @@ class TaskConfig:
 
     def __post_init__(self) -> None:
         if self.gene_labels_file is not None:
-            self.gene_labels_file = os.path.abspath(expand(self.gene_labels_file))
+            self.gene_labels_file = location(self.gene_labels_file)
         if self.kind == "gene" and not self.gene_labels and self.gene_labels_file is None:
             raise ValueError("task.kind gene needs task.gene_labels or task.gene_labels_file")
 
@@ -157,7 +168,8 @@ class FinetuneModelConfig:
     """The pretrained model and how it is adapted."""
 
     model_dir: str
-    """A ``model`` artifact or Hugging Face BERT folder (e.g. artifacts/smoke/model)."""
+    """A ``model`` artifact or Hugging Face BERT folder (e.g. artifacts/smoke/model), or the
+    ``s3://`` / ``gs://`` URI of a model artifact (each node downloads it once)."""
     mode: Literal["full", "probe", "qlora"] = "full"
     """full: all weights train; probe: logistic regression on frozen mean-pooled cell
     embeddings (zero-shot encoder); qlora: 4-bit NF4 base + LoRA adapters."""
@@ -169,7 +181,7 @@ class FinetuneModelConfig:
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
 
     def __post_init__(self) -> None:
-        self.model_dir = os.path.abspath(expand(self.model_dir))
+        self.model_dir = location(self.model_dir)
         if self.freeze_layers < 0:
             raise ValueError("model.freeze_layers must be >= 0")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
@@ -236,14 +248,15 @@ class FinetuneJobConfig:
     """One worker per run or trial; ``resources_per_worker`` (e.g. {CPU: 1}) and
     ``use_gpu`` set what it reserves."""
     output_dir: str | None = None
-    """The fine-tuned model artifact (required for ``cellfoundry finetune``)."""
+    """The fine-tuned model artifact, a folder or an ``s3://`` / ``gs://`` prefix (required
+    for ``cellfoundry finetune``)."""
     seed: int = 0
     """Head initialisation, data order, dropout and few-shot sampling."""
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
         if self.output_dir is not None:
-            self.output_dir = os.path.abspath(expand(self.output_dir))
+            self.output_dir = location(self.output_dir)
         if self.scaling.num_workers != 1:
             raise ValueError("scaling.num_workers must be 1: a fine-tuning run is one worker")
         if self.model.mode == "probe" and self.task.kind == "gene":
@@ -316,7 +329,7 @@ class TuneJobConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
-        self.output_dir = os.path.abspath(expand(self.output_dir))
+        self.output_dir = location(self.output_dir)
         self.run.resolve(self.output_dir, "tune_runs")
         kinds = {"uniform", "loguniform", "quniform", "randint", "choice"}
         for key, dist in self.space.items():
@@ -338,7 +351,8 @@ class ProbeConfig:
     """Data, splits, pretrained model, fine-tuning and baseline settings (``model.mode`` and
     ``output_dir`` are not used: ``methods`` says what runs)."""
     output_dir: str
-    """probe_report.json, probe_report.md, confusion_matrix.png, roc.png."""
+    """probe_report.json, probe_report.md, confusion_matrix.png, roc.png (a folder, or an
+    ``s3://`` / ``gs://`` prefix: probe_report.json is uploaded last)."""
     methods: list[str] = field(default_factory=lambda: ["probe", "full"])
     """Any of probe (frozen encoder + logistic regression), full, qlora (fine-tuned)."""
     finetuned_dir: str | None = None
@@ -346,9 +360,9 @@ class ProbeConfig:
     to score instead of fine-tuning its mode here."""
 
     def __post_init__(self) -> None:
-        self.output_dir = os.path.abspath(expand(self.output_dir))
+        self.output_dir = location(self.output_dir)
         if self.finetuned_dir is not None:
-            self.finetuned_dir = os.path.abspath(expand(self.finetuned_dir))
+            self.finetuned_dir = location(self.finetuned_dir)
         unknown = sorted(set(self.methods) - {"probe", "full", "qlora"})
         if unknown or not self.methods:
             raise ValueError(f"methods: {unknown or 'empty'}; choose from probe, full, qlora")

@@ -7,7 +7,10 @@ training cells. A cell's accuracy is its share of masked genes predicted correct
 report gives both distributions (mean, median, n cells) and their paired difference.
 
 The tokenized shards are streamed twice (fit the baseline, then evaluate), so memory holds
-one shard plus the baseline's counts; no Ray cluster is needed.
+one shard plus the baseline's counts; no Ray cluster is needed. The model, the tokens and
+``output_dir`` may be ``s3://`` / ``gs://`` URIs: the model is read from this machine's
+cached copy, the shards in place (only those the tokenized manifest lists), and the report
+is written as an artifact on object storage (manifest last).
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from cellfoundry import artifacts
+from cellfoundry import artifacts, storage
 from cellfoundry.config.evaluate import MaskedEvalConfig
 from cellfoundry.config.loader import config_to_dict
 from cellfoundry.evaluate import masked_report
@@ -36,7 +40,9 @@ from cellfoundry.evaluate.masking import (
 from cellfoundry.evaluate.predict import MaskedPredictor, resolve_device
 from cellfoundry.evaluate.report import input_signatures
 from cellfoundry.model import load_model, load_token_dictionary_for
-from cellfoundry.train.data import shard_files, truncate
+from cellfoundry.train.data import truncate
+from cellfoundry.tune.data import tokenized_shards
+from cellfoundry.tune.remote import has_manifest, local_dir
 
 logger = logging.getLogger(__name__)
 
@@ -49,17 +55,35 @@ __all__ = ["KIND", "MaskedEvalResult", "resolve_vocabulary", "run_masked", "run_
 class MaskedEvalResult:
     """Where the report went and its headline figures (``metrics`` is metrics.json)."""
 
-    output_dir: Path
+    output_dir: Path | str
+    """A folder, or the artifact's URI on object storage."""
     metrics: dict[str, Any]
     reused: bool = False
+
+
+def _output(path: str) -> Path | str:
+    return path if storage.is_remote(path) else Path(path)
+
+
+def _read_shard(path: str, cfg: MaskedEvalConfig) -> pa.Table:
+    """The columns :func:`_columns` picks of one shard (a file or an object)."""
+    fs, p = storage.resolve(path)
+    return pq.read_table(p, columns=_columns(cfg, pq.read_schema(p, filesystem=fs).names),
+                         filesystem=fs)  # fmt: skip
 
 
 def resolve_vocabulary(cfg: MaskedEvalConfig) -> dict[str, int]:
     """The model's token dictionary; it must equal the ``vocabulary`` artifact beside the
     tokenized one when that exists (same ids, same genes), else the tokens mean other genes."""
-    saved = load_token_dictionary_for(cfg.model)
-    beside = Path(cfg.tokenized).parent / "vocabulary" / "token_dictionary.json"
-    data_vocab = load_token_dictionary_for(beside.parent) if beside.is_file() else None
+    saved = load_token_dictionary_for(local_dir(cfg.model, "model"))
+    folder = storage.join(storage.parent(cfg.tokenized), "vocabulary")
+    if storage.is_remote(folder) and has_manifest(folder):
+        folder = str(local_dir(folder, "the vocabulary beside tokenized"))
+    beside = Path(folder) / "token_dictionary.json"
+    remote = storage.is_remote(folder)  # a URI without a complete artifact: no vocabulary
+    data_vocab = (
+        load_token_dictionary_for(beside.parent) if not remote and beside.is_file() else None
+    )
     if saved is None and data_vocab is None:
         raise ValueError(
             f"{cfg.model} has no token_dictionary.json and {beside} does not exist; save the "
@@ -98,13 +122,13 @@ def _chosen_cells(held_ids: list[str], cfg: MaskedEvalConfig) -> set[str]:
 
 
 def _fit_baseline(
-    cfg: MaskedEvalConfig, files: list[Path], special: np.ndarray, max_length: int, eos: int | None
+    cfg: MaskedEvalConfig, files: list[str], special: np.ndarray, max_length: int, eos: int | None
 ) -> tuple[RankBaseline, list[str]]:
     """Pass 1 over the shards: the rank baseline fit on the training cells, and the ids of
     the held-out cells."""
     baseline, held_ids = RankBaseline(len(special), special), []
     for f in tqdm(files, desc="rank baseline", unit="shard"):
-        table = pq.read_table(f, columns=_columns(cfg, pq.read_schema(f).names))
+        table = _read_shard(f, cfg)
         held, train = select_cells(table, cfg.holdout)
         rows = table["input_ids"].to_numpy(zero_copy_only=False)
         baseline.update(
@@ -116,7 +140,7 @@ def _fit_baseline(
 
 def _score_cells(
     cfg: MaskedEvalConfig,
-    files: list[Path],
+    files: list[str],
     chosen: set[str],
     predictor: MaskedPredictor,
     baseline: RankBaseline,
@@ -129,7 +153,7 @@ def _score_cells(
     records: list[dict[str, Any]] = []
     bar = tqdm(total=len(chosen), desc="masked genes", unit="cell")
     for f in files:
-        table = pq.read_table(f, columns=_columns(cfg, pq.read_schema(f).names))
+        table = _read_shard(f, cfg)
         ids = table["cell_id"].to_pylist()
         groups = table[cfg.group_by].to_pylist() if cfg.group_by in table.column_names else None
         rows = table["input_ids"].to_numpy(zero_copy_only=False)
@@ -164,16 +188,17 @@ def _score_cells(
     return records
 
 
-@artifacts.holds_output(KIND, lambda cfg: cfg.output_dir)
+@artifacts.holds_output(KIND, lambda cfg: cfg.output_dir, object_storage=True)
 def run_masked(cfg: MaskedEvalConfig) -> MaskedEvalResult:
     """Evaluate ``cfg.model`` on the held-out cells of ``cfg.tokenized``; write the
     ``evaluation_masked`` artifact (metrics.json, report.md, per_cell.parquet, accuracy.png)."""
-    if not (Path(cfg.model) / "config.json").is_file():
+    model_dir = local_dir(cfg.model, "model")
+    if not (model_dir / "config.json").is_file():
         raise ValueError(
             f"model: {cfg.model} is not a model directory (no config.json); run "
             "`cellfoundry pretrain` first or pass --model DIR"
         )
-    if not Path(cfg.tokenized).is_dir():
+    if not storage.is_remote(cfg.tokenized) and not Path(cfg.tokenized).is_dir():
         raise ValueError(
             f"tokenized: {cfg.tokenized} does not exist; run `cellfoundry corpus` or "
             "`cellfoundry tokenize` first, or pass --tokens DIR"
@@ -183,11 +208,11 @@ def run_masked(cfg: MaskedEvalConfig) -> MaskedEvalResult:
     fp = artifacts.fingerprint(KIND, fp_config, inputs)
     if artifacts.reusable(cfg.output_dir, KIND, fp) is not None:
         logger.info("reusing the complete evaluation at %s", cfg.output_dir)
-        metrics = masked_report.read_metrics(Path(cfg.output_dir))
-        return MaskedEvalResult(Path(cfg.output_dir), metrics, reused=True)
+        metrics = masked_report.read_metrics(cfg.output_dir)
+        return MaskedEvalResult(_output(cfg.output_dir), metrics, reused=True)
 
     vocab = resolve_vocabulary(cfg)
-    model = load_model(cfg.model)
+    model = load_model(model_dir)
     vocab_size = model.config.vocab_size
     if max(vocab.values()) >= vocab_size:
         raise ValueError(
@@ -196,7 +221,7 @@ def run_masked(cfg: MaskedEvalConfig) -> MaskedEvalResult:
     special = special_mask(vocab, vocab_size)
     max_length = cfg.max_length or model.config.max_position_embeddings
     eos = vocab.get("<eos>")
-    files = shard_files(cfg.tokenized)
+    files = tokenized_shards(cfg.tokenized, field="tokenized")
 
     baseline, held_ids = _fit_baseline(cfg, files, special, max_length, eos)
     chosen = _chosen_cells(held_ids, cfg)
@@ -222,7 +247,7 @@ def run_masked(cfg: MaskedEvalConfig) -> MaskedEvalResult:
                      "device": str(device), "autocast": str(autocast)},
         )  # fmt: skip
         w.counts = {"cells": len(records), "training_cells": baseline.n_cells}
-    return MaskedEvalResult(Path(cfg.output_dir), metrics)
+    return MaskedEvalResult(_output(cfg.output_dir), metrics)
 
 
 def run_masked_job(

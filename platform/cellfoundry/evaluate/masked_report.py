@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from cellfoundry import artifacts, storage
 from cellfoundry.config.evaluate import MaskedEvalConfig
 from cellfoundry.config.loader import config_to_dict
 from cellfoundry.evaluate.plots import plot_accuracy
@@ -125,6 +126,6 @@ def write_report(
     return metrics
 
 
-def read_metrics(out: Path) -> dict[str, Any]:
-    """metrics.json of a written evaluation."""
-    return json.loads((out / METRICS_FILE).read_text())
+def read_metrics(out: str | Path) -> dict[str, Any]:
+    """metrics.json of a written evaluation (a folder, or an artifact on object storage)."""
+    return json.loads(storage.read_text(storage.join(artifacts.data_uri(out), METRICS_FILE)))

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 
-from cellfoundry import artifacts
+from cellfoundry import artifacts, storage
 
 __all__ = [
     "input_signatures",
@@ -83,13 +84,33 @@ def write_json(path: Path, data: Any) -> Path:
     return path
 
 
+def _remote_signature(uri: str) -> str:
+    """Sizes and modification times of an object, or of the objects under a prefix."""
+    fs, path = storage.resolve(uri)
+    found = fs.get_file_info(path)
+    if found.type != pafs.FileType.File:
+        found = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    items = sorted((found if isinstance(found, list) else [found]), key=lambda i: i.path)
+    return ";".join(
+        f"{i.path[len(path):].lstrip('/') or i.base_name}:{i.size}:{i.mtime_ns}"
+        for i in items if i.type == pafs.FileType.File
+    )  # fmt: skip
+
+
 def input_signatures(paths: Mapping[str, str | Path]) -> tuple[dict[str, str], dict[str, str]]:
     """Split an evaluation's inputs into artifacts (a folder with manifest.json, for
     ``write_artifact``'s ``inputs``) and the others, fingerprinted by their files' sizes and
-    modification times (so a changed model or embeddings file is never mistaken for reuse)."""
+    modification times (so a changed model or embeddings file is never mistaken for reuse).
+    Paths may be ``s3://`` / ``gs://`` URIs (objects' sizes and modification times)."""
     with_manifest: dict[str, str] = {}
     others: dict[str, str] = {}
     for name, p in paths.items():
+        if storage.is_remote(p):
+            if storage.is_file(storage.join(p, artifacts.MANIFEST)):
+                with_manifest[name] = storage.normalize(p)
+            else:
+                others[name] = _remote_signature(str(p))
+            continue
         p = Path(p)
         if p.is_dir() and (p / artifacts.MANIFEST).is_file():
             with_manifest[name] = str(p)

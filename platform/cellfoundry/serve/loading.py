@@ -2,6 +2,9 @@
 
 Classifiers are either full fine-tuned ``BertForSequenceClassification`` directories or
 peft LoRA adapter directories (``adapter_config.json``) put onto their base model.
+Any of them (and a base model an adapter names) may be the ``s3://`` / ``gs://`` URI of an
+artifact: each replica loads it from its node's cached copy, downloaded once per node and
+manifest (:func:`cellfoundry.artifacts.localize`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 import torch
 import transformers
 
+from cellfoundry import artifacts, storage
 from cellfoundry.model import ATTN_IMPLEMENTATION, load_model
 
 logger = logging.getLogger(__name__)
@@ -27,6 +31,15 @@ _SKIP_MODULES = [
     "pooler",
     "pooler.dense",
 ]  # names match from the start or as a suffix
+
+
+def local_model(directory: str | Path) -> Path:
+    """The local folder of a model: ``directory`` itself, or this node's cached copy of the
+    artifact at a URI (an incomplete or missing one is a ``ValueError`` naming it)."""
+    try:
+        return artifacts.localize(directory)
+    except artifacts.ArtifactError as exc:
+        raise ValueError(f"cannot serve {directory}: {exc}") from None
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -56,7 +69,9 @@ def _quantization(precision: str) -> dict[str, Any]:
 def load_encoder(
     directory: str | Path, precision: str, device: torch.device
 ) -> transformers.PreTrainedModel:
-    """The masked-LM model of ``directory`` in ``precision`` on ``device`` (eval mode)."""
+    """The masked-LM model of ``directory`` (folder or URI) in ``precision`` on ``device``
+    (eval mode)."""
+    where, directory = directory, local_model(directory)
     precision = resolve_precision(precision, device)
     if precision == "int8":
         model = transformers.BertForMaskedLM.from_pretrained(
@@ -66,7 +81,7 @@ def load_encoder(
     else:
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         model = load_model(directory, dtype=dtype).to(device)
-    logger.info("loaded %s in %s on %s", directory, precision, device)
+    logger.info("loaded %s in %s on %s", where, precision, device)
     return model.eval()
 
 
@@ -75,8 +90,8 @@ def load_classifier(
 ) -> tuple[torch.nn.Module, list[str]]:
     """``(model, labels)`` of a fine-tuned cell classifier: a full model directory, or a
     LoRA adapter directory whose ``adapter_config.json`` names its base model. Labels come
-    from the config's ``id2label`` (ordered by class index)."""
-    directory = Path(directory)
+    from the config's ``id2label`` (ordered by class index). Folders or URIs."""
+    directory = local_model(directory)
     precision = resolve_precision(precision, device)
     if (directory / "finetune.json").is_file():  # a `cellfoundry finetune` artifact
         return _load_finetuned(directory, precision, device)
@@ -85,6 +100,8 @@ def load_classifier(
         import peft
 
         base_dir = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        if base_dir and storage.is_remote(base_dir):
+            base_dir = str(local_model(base_dir))
         config_dir = directory if (directory / "config.json").is_file() else Path(base_dir or "")
         if not (config_dir / "config.json").is_file():
             raise ValueError(

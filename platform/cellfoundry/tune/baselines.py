@@ -1,7 +1,8 @@
 """scikit-learn baselines on raw counts: log1p(CP10k) of highly variable genes, same splits.
 
 Counts come from the ``cells`` artifact (parallel lists ``gene_ids`` / ``counts`` per cell),
-joined on ``cell_id``. Highly variable genes are chosen on the training cells only.
+joined on ``cell_id``; on object storage only the files its manifest lists are read, one at a
+time. Highly variable genes are chosen on the training cells only.
 """
 
 from __future__ import annotations
@@ -19,35 +20,63 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
+from cellfoundry import storage
 from cellfoundry.config.tune import BaselineConfig
+from cellfoundry.tune.remote import data_file_list, has_manifest, parquet_rows, read_parquet
 
 logger = logging.getLogger(__name__)
 
 
-def resolve_cells_dir(cells: str | None, tokenized: str) -> Path | None:
-    """``cells`` if given (must exist), else the ``cells`` artifact beside ``tokenized``."""
+def resolve_cells_dir(cells: str | None, tokenized: str) -> Path | str | None:
+    """``cells`` if given (must exist), else the ``cells`` artifact beside ``tokenized``: a
+    folder, or a URI with a manifest."""
     if cells is not None:
+        if storage.is_remote(cells):
+            if not has_manifest(cells):
+                raise ValueError(
+                    f"data.cells {cells}: no manifest.json there, so no complete cells "
+                    "artifact; run `cellfoundry corpus` to write it, or fix the URI"
+                )
+            return cells
         if not (Path(cells) / "data").is_dir():
             raise ValueError(f"data.cells {cells}: no data/ folder; point it at a cells artifact")
         return Path(cells)
+    if storage.is_remote(tokenized):
+        beside = storage.join(storage.parent(tokenized), "cells")
+        return beside if has_manifest(beside) else None
     guess = Path(tokenized).parent / "cells"
     return guess if (guess / "data").is_dir() else None
 
 
+def _remote_counts(cells: str, wanted: pl.DataFrame) -> tuple[int, pl.DataFrame]:
+    """``(n_genes, rows of wanted cells)`` of a cells artifact on object storage, one data
+    file at a time (only the wanted cells of each are kept)."""
+    hint = "run `cellfoundry corpus` to write the cells artifact, or fix data.cells"
+    genes = data_file_list(cells, "genes.parquet", "data.cells", hint)[0]
+    parts = [
+        read_parquet(f, ["cell_id", "gene_ids", "counts"]).join(wanted, on="cell_id", how="inner")
+        for f in data_file_list(cells, "data/*.parquet", "data.cells", hint)
+    ]
+    return parquet_rows(genes), pl.concat(parts).unique("cell_id", keep="first").sort("_row")
+
+
 def load_counts(cells_dir: str | Path, cell_ids: np.ndarray) -> sp.csr_matrix:
     """Raw counts [n_cells, n_genes] (CSR, float32) of ``cell_ids`` in that order; columns
-    are the corpus gene index of ``genes.parquet``."""
-    cells_dir = Path(cells_dir)
-    n_genes = pl.scan_parquet(cells_dir / "genes.parquet").select(pl.len()).collect().item()
+    are the corpus gene index of ``genes.parquet``. ``cells_dir``: folder or URI."""
     wanted = pl.DataFrame({"cell_id": cell_ids, "_row": np.arange(len(cell_ids))})
-    frame = (
-        pl.scan_parquet(cells_dir / "data" / "**" / "*.parquet")
-        .select("cell_id", "gene_ids", "counts")
-        .join(wanted.lazy(), on="cell_id", how="inner")
-        .unique("cell_id", keep="first")
-        .sort("_row")
-        .collect()
-    )
+    if storage.is_remote(cells_dir):
+        n_genes, frame = _remote_counts(str(cells_dir), wanted)
+    else:
+        cells_dir = Path(cells_dir)
+        n_genes = pl.scan_parquet(cells_dir / "genes.parquet").select(pl.len()).collect().item()
+        frame = (
+            pl.scan_parquet(cells_dir / "data" / "**" / "*.parquet")
+            .select("cell_id", "gene_ids", "counts")
+            .join(wanted.lazy(), on="cell_id", how="inner")
+            .unique("cell_id", keep="first")
+            .sort("_row")
+            .collect()
+        )
     if frame.height != len(cell_ids):
         missing = sorted(set(cell_ids) - set(frame["cell_id"].to_list()))
         raise ValueError(

@@ -1,4 +1,5 @@
-"""Labelled cells for fine-tuning: tokens and labels from a ``tokenized`` artifact.
+"""Labelled cells for fine-tuning: tokens and labels from a ``tokenized`` artifact (a local
+folder, or a URI whose manifest lists the shards, read in place).
 
 Cells are read once (only the needed columns), filtered to labelled cells of the chosen
 datasets, ordered by ``cell_id`` (deterministic on any cluster) and cut to the model's
@@ -10,14 +11,15 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import polars as pl
 import yaml
 
+from cellfoundry import storage
 from cellfoundry.config.tune import FinetuneJobConfig
 from cellfoundry.train.data import shard_files, truncate
+from cellfoundry.tune.remote import data_file_list, parquet_columns, read_parquet
 
 logger = logging.getLogger(__name__)
 
@@ -80,14 +82,22 @@ def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(chosen))
 
 
+def tokenized_shards(path: str, field: str = "data.tokenized") -> list[str]:
+    """The ``part-*.parquet`` shards of a tokenized artifact in name order: files of a local
+    folder, or on object storage the objects its manifest lists."""
+    if not storage.is_remote(path):
+        return [str(f) for f in shard_files(path, field=field)]
+    return data_file_list(path, "part-*.parquet", field,
+                          "run `cellfoundry corpus` or `cellfoundry tokenize` first")  # fmt: skip
+
+
 def load_labelled_cells(
     cfg: FinetuneJobConfig, *, max_length: int, eos_id: int | None
 ) -> LabelledCells:
     """Read the labelled cells of ``cfg.data`` (see :class:`LabelledCells`)."""
-    files = shard_files(cfg.data.tokenized)
-    available = pl.read_parquet_schema(files[0]).keys()
-    columns = _columns(cfg, list(available))
-    frame = pl.concat([pl.read_parquet(f, columns=columns) for f in files]).sort("cell_id")
+    files = tokenized_shards(cfg.data.tokenized)
+    columns = _columns(cfg, parquet_columns(files[0]))
+    frame = pl.concat([read_parquet(f, columns=columns) for f in files]).sort("cell_id")
     if cfg.data.dataset_ids:
         frame = frame.filter(pl.col("dataset_id").is_in(cfg.data.dataset_ids))
     if cfg.task.kind == "cell":
@@ -142,11 +152,12 @@ def load_gene_labels(cfg: FinetuneJobConfig) -> dict[str, list[str]]:
     """The gene task's ``label -> Ensembl IDs`` (inline or from a JSON/YAML file)."""
     if cfg.task.gene_labels_file is None:
         return dict(cfg.task.gene_labels)
-    path = Path(cfg.task.gene_labels_file)
-    if not path.is_file():
-        raise ValueError(f"task.gene_labels_file {path} does not exist")
-    text = path.read_text()
-    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    path = cfg.task.gene_labels_file
+    try:
+        text = storage.read_text(path)
+    except FileNotFoundError:
+        raise ValueError(f"task.gene_labels_file {path} does not exist") from None
+    data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
     if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
         raise ValueError(f"task.gene_labels_file {path}: expected a mapping label -> list of IDs")
     return {str(k): [str(g) for g in v] for k, v in data.items()}

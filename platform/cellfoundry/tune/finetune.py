@@ -1,5 +1,9 @@
 """``run_finetune``: fine-tune (or probe) one model and the baselines on the same splits, as
-one Ray task with the configured resources, and write the fine-tuned model artifact."""
+one Ray task with the configured resources, and write the fine-tuned model artifact.
+
+Inputs and ``output_dir`` may be ``s3://`` / ``gs://`` URIs (:mod:`cellfoundry.tune.remote`).
+The task writes the artifact itself: its files go to a staging folder on the task's node,
+uploaded into the run's data sub-prefix before the manifest commits it."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from cellfoundry.tune.compare import METHOD_TITLES, Comparison, compare
 from cellfoundry.tune.data import label_mapping
 from cellfoundry.tune.models import save_finetuned
 from cellfoundry.tune.prepare import Prepared, prepare
+from cellfoundry.tune.remote import StorageSettings, has_manifest
 from cellfoundry.tune.report import write_report
 
 logger = logging.getLogger(__name__)
@@ -35,7 +40,7 @@ def artifact_inputs(cfg: FinetuneJobConfig) -> dict[str, str]:
     candidates = {"tokenized": cfg.data.tokenized, "model": cfg.model.model_dir}
     if cfg.data.cells:
         candidates["cells"] = cfg.data.cells
-    return {k: v for k, v in candidates.items() if (Path(v) / artifacts.MANIFEST).is_file()}
+    return {k: v for k, v in candidates.items() if has_manifest(v)}
 
 
 def write_finetuned_artifact(
@@ -82,17 +87,22 @@ def write_finetuned_artifact(
 
 
 def finetune_local(
-    cfg: FinetuneJobConfig, claim: artifacts.OutputClaim | None = None
-) -> dict[str, Any]:
+    cfg: FinetuneJobConfig, claim: artifacts.OutputClaim | None = None,
+    settings: StorageSettings | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """Everything in this process: prepare, train and compare, write the artifact; returns
     the JSON summary (what the Ray task of :func:`run_finetune` returns). ``claim``: the
-    hold on ``output_dir`` of the run that started this task (else it is claimed here)."""
+    hold on ``output_dir`` of the run that started this task (else it is claimed here);
+    ``settings``: the object-storage settings of the driver that started it."""
     from cellfoundry.logs import setup_logging
 
     setup_logging()  # also inside a Ray worker
     if cfg.output_dir is None:
         raise ValueError("output_dir is not set: give the folder of the fine-tuned model artifact")
-    with artifacts.claim_output(cfg.output_dir, KIND, join=claim):
+    with (
+        (settings or StorageSettings()).applied(),
+        artifacts.claim_output(cfg.output_dir, KIND, join=claim, object_storage=True),
+    ):
         prep = prepare(cfg)
         comparison = compare(cfg, [cfg.model.mode], prep=prep)
         metrics = write_finetuned_artifact(
@@ -116,11 +126,12 @@ def _remote_options(cfg: FinetuneJobConfig) -> dict[str, Any]:
 def run_finetune(cfg: FinetuneJobConfig) -> dict[str, Any]:
     """Fine-tune per ``cfg`` as one Ray task (``scaling.resources_per_worker`` /
     ``use_gpu``) on the current or a new local cluster; reuse a complete artifact with the
-    same config and inputs. ``output_dir`` must be reachable from the worker (local or
-    shared storage). Returns a JSON-able summary."""
+    same config and inputs. ``output_dir`` must be reachable from the worker (object
+    storage, or a shared path). Returns a JSON-able summary."""
     if cfg.output_dir is None:
         raise ValueError("output_dir is not set: give the folder of the fine-tuned model artifact")
-    with artifacts.claim_output(cfg.output_dir, KIND) as claim:  # the task joins this claim
+    # the task joins this claim
+    with artifacts.claim_output(cfg.output_dir, KIND, object_storage=True) as claim:
         fingerprint = artifacts.fingerprint(KIND, _fingerprint_config(cfg), artifact_inputs(cfg))
         manifest = artifacts.reusable(cfg.output_dir, KIND, fingerprint)
         if manifest is not None:
@@ -131,7 +142,10 @@ def run_finetune(cfg: FinetuneJobConfig) -> dict[str, Any]:
 
         task = ray.remote(finetune_local).options(**_remote_options(cfg), max_retries=0)
         logger.info("finetune: %s on %s -> %s", cfg.model.mode, cfg.data.tokenized, cfg.output_dir)
-        return ray.get(task.remote(cfg, claim))
+        settings = StorageSettings.capture(
+            cfg.output_dir, cfg.model.model_dir, cfg.data.tokenized, cfg.data.cells
+        )
+        return ray.get(task.remote(cfg, claim, settings))
 
 
 def run_finetune_job(

@@ -1,6 +1,8 @@
 """Classifiers from a pretrained model directory: full fine-tuning, QLoRA (4-bit NF4 base,
 LoRA adapters on query/key/value), and loading a fine-tuned model for inference (fp32 or
-8-bit). Adapters are saved apart from the base model, which stays where it is."""
+8-bit). Adapters are saved apart from the base model, which stays where it is. Models (and
+the base model an adapter or probe names) may be ``s3://`` / ``gs://`` URIs of artifacts:
+they are loaded from this machine's cached copy (:func:`cellfoundry.artifacts.localize`)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import transformers
 
 from cellfoundry.config.tune import FinetuneModelConfig, QuantizationConfig
 from cellfoundry.model import ATTN_IMPLEMENTATION
+from cellfoundry.tune.remote import local_dir
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +77,12 @@ def _from_pretrained(
         kwargs.update(
             quantization_config=quantization, device_map={"": 0} if on_gpu else {"": "cpu"}
         )
-    if not (Path(directory) / "config.json").is_file():
+    local = local_dir(directory, "model.model_dir")
+    if not (local / "config.json").is_file():
         raise ValueError(
             f"model.model_dir {directory}: no config.json; point it at a model artifact"
         )
-    return _head_class(task).from_pretrained(directory, **kwargs)
+    return _head_class(task).from_pretrained(local, **kwargs)
 
 
 def build_classifier(
@@ -167,11 +171,13 @@ def load_finetuned(
 ) -> torch.nn.Module:
     """A fine-tuned classifier saved by :func:`save_finetuned`, in eval mode: fp32, or with
     the encoder in 8-bit (``load_in_8bit``; head and pooler stay fp32). An adapter loads onto
-    its base model (4-bit NF4 as trained, or 8-bit); a linear probe onto its frozen base."""
-    directory = Path(directory)
+    its base model (4-bit NF4 as trained, or 8-bit); a linear probe onto its frozen base.
+    ``directory`` may be the URI of a ``finetuned`` artifact (loaded from a cached copy)."""
+    where = directory
+    directory = local_dir(directory, "fine-tuned model")
     info_path = directory / FINETUNE_FILE
     if not info_path.is_file():
-        raise ValueError(f"{directory}: no {FINETUNE_FILE}; run `cellfoundry finetune` first")
+        raise ValueError(f"{where}: no {FINETUNE_FILE}; run `cellfoundry finetune` first")
     info = json.loads(info_path.read_text())
     q = QuantizationConfig()
     names, task = list(info["label_names"]), info["task"]
@@ -180,7 +186,8 @@ def load_finetuned(
 
         if load_in_8bit:
             logger.warning("%s: a linear probe loads in fp32 (load_in_8bit ignored)", directory)
-        return ProbeClassifier.load(directory / PROBE_DIR, info["base_model"])
+        base = local_dir(info["base_model"], f"the base model of {where}")
+        return ProbeClassifier.load(directory / PROBE_DIR, base)
     if info["mode"] != "qlora":
         quant = bnb_config(q, on_gpu=on_gpu, eight_bit=True) if load_in_8bit else None
         model = _head_class(task).from_pretrained(

@@ -1,5 +1,7 @@
 """From a config to what the loop needs: token dictionary, labelled cells, splits, devices;
-and the frozen-encoder linear probe (mean-pooled cell embeddings + logistic regression)."""
+and the frozen-encoder linear probe (mean-pooled cell embeddings + logistic regression).
+A model or vocabulary given as an ``s3://`` / ``gs://`` URI is read from this machine's
+cached copy (:func:`cellfoundry.tune.remote.local_dir`)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
+from cellfoundry import storage
 from cellfoundry.config.tune import FinetuneJobConfig
 from cellfoundry.genes.vocab import load_token_dictionary
 from cellfoundry.model import load_model, load_token_dictionary_for
@@ -26,6 +29,7 @@ from cellfoundry.tune.data import (
 )
 from cellfoundry.tune.loop import TaskData
 from cellfoundry.tune.probe_model import ProbeClassifier
+from cellfoundry.tune.remote import has_manifest, local_dir
 from cellfoundry.tune.splits import Split, few_shot, make_splits
 
 logger = logging.getLogger(__name__)
@@ -46,27 +50,36 @@ class Prepared:
 
 def token_dictionary_of(cfg: FinetuneJobConfig) -> dict[str, int]:
     """The model's own token dictionary, else the vocabulary beside the tokens."""
-    found = load_token_dictionary_for(cfg.model.model_dir)
+    found = load_token_dictionary_for(model_path(cfg))
     if found is not None:
         return found
-    path = Path(cfg.data.tokenized).parent / "vocabulary" / "token_dictionary.json"
-    if not path.is_file():
+    beside = storage.join(storage.parent(cfg.data.tokenized), "vocabulary")
+    if storage.is_remote(beside) and has_manifest(beside):
+        beside = str(local_dir(beside, "the vocabulary beside data.tokenized"))
+    path = Path(beside) / "token_dictionary.json"
+    if storage.is_remote(beside) or not path.is_file():
         raise ValueError(
-            f"{cfg.model.model_dir} has no token_dictionary.json and {path} does not exist"
+            f"{cfg.model.model_dir} has no token_dictionary.json and "
+            f"{storage.join(beside, 'token_dictionary.json')} does not exist"
         )
     return load_token_dictionary(path)
 
 
+def model_path(cfg: FinetuneJobConfig) -> Path:
+    """The local folder of ``cfg.model.model_dir`` (a cached copy when it is a URI)."""
+    return local_dir(cfg.model.model_dir, "model.model_dir")
+
+
 def model_max_length(cfg: FinetuneJobConfig) -> int:
     """``data.max_length`` capped by the model's ``max_position_embeddings``."""
-    config = json.loads((Path(cfg.model.model_dir) / "config.json").read_text())
+    config = json.loads((model_path(cfg) / "config.json").read_text())
     limit = int(config.get("max_position_embeddings", 512))
     return min(limit, cfg.data.max_length or limit)
 
 
 def prepare(cfg: FinetuneJobConfig) -> Prepared:
     """Read the labelled cells of ``cfg`` and make its splits (cells, or genes for the gene task)."""
-    if not (Path(cfg.model.model_dir) / "config.json").is_file():
+    if not (model_path(cfg) / "config.json").is_file():
         raise ValueError(
             f"model.model_dir {cfg.model.model_dir}: no config.json; run `cellfoundry pretrain` first"
         )
@@ -158,7 +171,7 @@ def linear_probe(cfg: FinetuneJobConfig, data: TaskData, device: torch.device) -
     (zero-shot encoder); returns the :class:`ProbeClassifier` (eval mode, on ``device``)."""
     vocab = token_dictionary_of(cfg)
     specials = [v for k, v in vocab.items() if k.startswith("<")] + [data.pad_id]
-    probe = ProbeClassifier(load_model(cfg.model.model_dir).bert, specials, len(data.label_names))
+    probe = ProbeClassifier(load_model(model_path(cfg)).bert, specials, len(data.label_names))
     probe = probe.to(device).eval()
     x = cell_embeddings(probe, data, data.train_rows, batch_size=cfg.data.batch_size, device=device)
     scaler = StandardScaler().fit(x)

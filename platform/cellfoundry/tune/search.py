@@ -4,7 +4,13 @@ maximising validation macro F1. Each trial runs the plain training loop of
 reports (with a checkpoint) after every epoch. Trials that do not fit wait in the queue,
 and on an autoscaling cluster their resource requests make it grow. A rerun with the same
 ``run.name`` and ``run.storage_path`` restores an interrupted search (``Tuner.restore``).
-The best trial's model is exported as a ``finetuned`` artifact with its metrics."""
+The best trial's model is exported as a ``finetuned`` artifact with its metrics.
+
+``run.storage_path`` (the experiment and its trial checkpoints) and ``output_dir`` may be
+``s3://`` / ``gs://`` URIs: Tune gets the filesystem of :mod:`cellfoundry.storage` (pyarrow's
+own would ignore ``AWS_ENDPOINT_URL``), and trials read and write with the driver's storage
+settings (:class:`~cellfoundry.tune.remote.StorageSettings`). A remote experiment resumes
+only under the same config and inputs: its ``cellfoundry_fingerprint`` object must match."""
 
 from __future__ import annotations
 
@@ -17,13 +23,14 @@ from typing import Any
 
 import torch
 
-from cellfoundry import artifacts, runtime
+from cellfoundry import artifacts, runtime, storage
 from cellfoundry.config.loader import config_to_dict, load_config, parse_config
 from cellfoundry.config.tune import FinetuneJobConfig, TuneJobConfig
 from cellfoundry.tune.finetune import KIND, artifact_inputs, write_finetuned_artifact
 from cellfoundry.tune.loop import TrainState, train_classifier
 from cellfoundry.tune.models import build_classifier
 from cellfoundry.tune.prepare import device_for, prepare, set_threads, task_data
+from cellfoundry.tune.remote import StorageSettings
 from cellfoundry.tune.trials import (
     STATE_FILE,
     InterruptAfterTrials,
@@ -52,15 +59,22 @@ def trial_config(job: dict[str, Any], params: dict[str, Any]) -> FinetuneJobConf
     return parse_config(FinetuneJobConfig, data)
 
 
-def tune_trial(params: dict[str, Any], job: dict[str, Any]) -> None:
+def tune_trial(
+    params: dict[str, Any], job: dict[str, Any], settings: StorageSettings | None = None
+) -> None:
     """One Tune trial: fine-tune on the first split with ``params``, report validation
     metrics and a checkpoint (trainable weights + optimizer) every epoch; resume from the
-    trial's checkpoint when Tune restarts it."""
-    import ray.tune
-
+    trial's checkpoint when Tune restarts it. ``settings``: the driver's storage settings."""
     from cellfoundry.logs import setup_logging
 
     setup_logging()
+    with (settings or StorageSettings()).applied():
+        _trial(params, job)
+
+
+def _trial(params: dict[str, Any], job: dict[str, Any]) -> None:
+    import ray.tune
+
     cfg = trial_config(job, params)
     set_threads(cfg)
     prep = prepare(cfg)
@@ -91,7 +105,38 @@ def _fingerprint_config(cfg: TuneJobConfig) -> dict[str, Any]:
     return data
 
 
-def _tuner(cfg: TuneJobConfig, job: dict[str, Any]) -> Any:
+def _run_storage(cfg: TuneJobConfig) -> tuple[str | None, Any]:
+    """``(storage_path, storage_filesystem)`` for Ray: a local path and None, or for a URI
+    the path within :func:`cellfoundry.storage.filesystem` and that filesystem."""
+    if cfg.run.storage_path is None or not storage.is_remote(cfg.run.storage_path):
+        return cfg.run.storage_path, None
+    fs, path = storage.resolve(cfg.run.storage_path)
+    return path, fs
+
+
+def claim_remote_run(cfg: TuneJobConfig, fingerprint: str) -> None:
+    """On object storage, the experiment ``run.storage_path/run.name`` belongs to
+    ``fingerprint``: a new one is marked with it; one of another config or inputs (or
+    unmarked) is refused, never resumed (there is no rename to move it aside)."""
+    if cfg.run.storage_path is None or not storage.is_remote(cfg.run.storage_path):
+        return
+    run_dir = storage.join(cfg.run.storage_path, cfg.run.name or "")
+    marker = storage.join(run_dir, artifacts.RUN_FINGERPRINT)
+    try:
+        found = storage.read_text(marker).strip()
+    except FileNotFoundError:
+        found = None
+    if found == fingerprint:
+        return
+    if found is not None or storage.list_files(run_dir):
+        raise ValueError(
+            f"{run_dir} holds a Tune experiment of another config or inputs; it is not "
+            "resumed: set another run.name (or delete that prefix)"
+        )
+    storage.write_text(marker, fingerprint + "\n")
+
+
+def _tuner(cfg: TuneJobConfig, job: dict[str, Any], settings: StorageSettings) -> Any:
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.hyperopt import HyperOptSearch
@@ -100,13 +145,21 @@ def _tuner(cfg: TuneJobConfig, job: dict[str, Any]) -> Any:
     res = dict(ft.scaling.resources_per_worker or {"CPU": 1})
     if ft.scaling.use_gpu:
         res.setdefault("GPU", 1)
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(tune_trial, job=job), res)
-    path = Path(cfg.run.storage_path or "") / (cfg.run.name or "")
-    if ray.tune.Tuner.can_restore(path):
-        logger.info("tune: restoring the search in %s", path)
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(tune_trial, job=job, settings=settings), res
+    )
+    storage_path, fs = _run_storage(cfg)
+    path = (
+        f"{storage_path}/{cfg.run.name}"
+        if fs is not None
+        else str(Path(storage_path or "") / (cfg.run.name or ""))
+    )
+    if ray.tune.Tuner.can_restore(path, storage_filesystem=fs):
+        logger.info("tune: restoring the search in %s", cfg.run.storage_path)
         return ray.tune.Tuner.restore(
-            str(path), trainable=trainable, resume_unfinished=True, resume_errored=True
-        )
+            path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+            storage_filesystem=fs,
+        )  # fmt: skip
     t, s = cfg.tune, cfg.scheduler
     return ray.tune.Tuner(
         trainable,
@@ -131,7 +184,8 @@ def _tuner(cfg: TuneJobConfig, job: dict[str, Any]) -> Any:
         ),
         run_config=ray.tune.RunConfig(
             name=cfg.run.name,
-            storage_path=cfg.run.storage_path,
+            storage_path=storage_path,
+            storage_filesystem=fs,
             verbose=0,
             checkpoint_config=ray.tune.CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute=t.metric, checkpoint_score_order=t.mode
@@ -145,15 +199,24 @@ def _tuner(cfg: TuneJobConfig, job: dict[str, Any]) -> Any:
 
 def export_best(
     cfg: TuneJobConfig, params: dict[str, Any], checkpoint: Any, trials: list[dict[str, Any]],
-    claim: artifacts.OutputClaim | None = None,
+    claim: artifacts.OutputClaim | None = None, settings: StorageSettings | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Rebuild the best trial's model from its best checkpoint, score it (and the baselines)
     on the test split and write the ``finetuned`` artifact at ``cfg.output_dir`` (joining
-    ``claim``, the hold of the search's run on it)."""
+    ``claim``, the hold of the search's run on it) with the driver's storage ``settings``."""
     from cellfoundry.logs import setup_logging
-    from cellfoundry.tune.compare import compare
 
     setup_logging()
+    with (settings or StorageSettings()).applied():
+        return _export(cfg, params, checkpoint, trials, claim)
+
+
+def _export(
+    cfg: TuneJobConfig, params: dict[str, Any], checkpoint: Any, trials: list[dict[str, Any]],
+    claim: artifacts.OutputClaim | None,
+) -> dict[str, Any]:  # fmt: skip
+    from cellfoundry.tune.compare import compare
+
     job = config_to_dict(cfg.finetune)
     best = trial_config(job, params)
     set_threads(best)
@@ -165,7 +228,7 @@ def export_best(
     prep = replace(prep, splits=prep.splits[:1])  # the split the trials were validated on
     comparison = compare(best, [best.model.mode], prep=prep, trained={best.model.mode: model})
     extra = {"search": {"best_params": params, "best_epoch": state.epoch, "trials": trials}}
-    with artifacts.claim_output(cfg.output_dir, KIND, join=claim):
+    with artifacts.claim_output(cfg.output_dir, KIND, join=claim, object_storage=True):
         metrics = write_finetuned_artifact(best, cfg.output_dir, comparison, prep, method=best.model.mode,
                                            fp_config=_fingerprint_config(cfg), extra=extra)  # fmt: skip
     return {"summary": metrics["summary"], "majority_class_rate": metrics["majority_class_rate"]}
@@ -176,7 +239,7 @@ def run_tune(cfg: TuneJobConfig) -> dict[str, Any]:
     export the best trial; returns a JSON-able summary with ``completed`` false when the
     search was interrupted (rerun to finish it). Holds ``cfg.output_dir`` throughout: a
     second search into it fails fast."""
-    with artifacts.claim_output(cfg.output_dir, KIND) as claim:
+    with artifacts.claim_output(cfg.output_dir, KIND, object_storage=True) as claim:
         return _search(cfg, claim)
 
 
@@ -197,7 +260,11 @@ def _search(cfg: TuneJobConfig, claim: artifacts.OutputClaim) -> dict[str, Any]:
     job = config_to_dict(cfg.finetune)
     # Tuner.restore resumes an experiment folder: only one of the same config and inputs.
     artifacts.claim_run_dir(cfg.run.storage_path, cfg.run.name, fp)
-    results = _tuner(cfg, job).fit()
+    claim_remote_run(cfg, fp)
+    ft = cfg.finetune
+    settings = StorageSettings.capture(cfg.output_dir, cfg.run.storage_path, ft.model.model_dir,
+                                       ft.data.tokenized, ft.data.cells)  # fmt: skip
+    results = _tuner(cfg, job, settings).fit()
     trials = trial_table(results, cfg.tune.metric)
     finished = sum(t["status"] == "TERMINATED" for t in trials)
     summary: dict[str, Any] = {"output_dir": cfg.output_dir, "experiment": results.experiment_path,
@@ -214,11 +281,10 @@ def _search(cfg: TuneJobConfig, claim: artifacts.OutputClaim) -> dict[str, Any]:
     if checkpoint is None:
         raise ValueError(f"tune: the best trial {best.path} left no checkpoint")
     params = dict(best.config)
-    ft = cfg.finetune
     res = dict(ft.scaling.resources_per_worker or {"CPU": 1})
     task = ray.remote(export_best).options(num_cpus=res.pop("CPU", 1), num_gpus=res.pop("GPU", int(ft.scaling.use_gpu)),
                                            resources=res or None, max_retries=0)  # fmt: skip
-    exported = ray.get(task.remote(cfg, params, checkpoint, trials, claim))
+    exported = ray.get(task.remote(cfg, params, checkpoint, trials, claim, settings))
     return {**summary, **exported, "best_params": params, "completed": True}
 
 
