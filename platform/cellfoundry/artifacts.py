@@ -596,14 +596,22 @@ def _write_remote(
 RUN_FINGERPRINT = "cellfoundry_fingerprint"
 
 
-def claim_run_dir(storage_path: str | None, name: str | None, fingerprint: str) -> Path | None:
+def claim_run_dir(
+    storage_path: str | None, name: str | None, fingerprint: str
+) -> Path | str | None:
     """Make the run folder ``storage_path/name`` (a Ray Train run or Ray Tune experiment,
-    which a rerun resumes) belong to ``fingerprint``: a folder left by another config or
-    other inputs (or with no fingerprint) is moved aside to
-    ``<name>.superseded-<old>-<time>``, never resumed and never deleted. Returns the folder;
-    None for remote storage (s3://, gs://), where run names must be kept distinct instead."""
-    if not storage_path or not name or "://" in storage_path:
+    which a rerun resumes) belong to ``fingerprint``, recorded in its marker file
+    ``cellfoundry_fingerprint``. Returns the folder (a URI on object storage); None without
+    a storage path or name.
+
+    Locally, a folder left by another config or other inputs (or with no marker) is moved
+    aside to ``<name>.superseded-<old>-<time>``, never resumed and never deleted. On object
+    storage (s3://, gs://) such a run is refused with :class:`ArtifactError` instead.
+    """
+    if not storage_path or not name:
         return None
+    if storage.is_remote(storage_path):
+        return _claim_remote_run_dir(storage.join(storage_path, name), fingerprint)
     run_dir = Path(storage_path) / name
     marker = run_dir / RUN_FINGERPRINT
     if run_dir.is_dir() and (not marker.is_file() or marker.read_text().strip() != fingerprint):
@@ -616,4 +624,39 @@ def claim_run_dir(storage_path: str | None, name: str | None, fingerprint: str) 
         run_dir.rename(aside)
     run_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(fingerprint + "\n")
+    return run_dir
+
+
+def _claim_remote_run_dir(run_dir: str, fingerprint: str) -> str:
+    """:func:`claim_run_dir` on object storage.
+
+    A foreign run (another fingerprint, or objects without a marker) is refused rather than
+    worked around. Moving it aside would mean copying then deleting every checkpoint object
+    (no rename on object storage: slow, costly and not atomic, so a crash part-way leaves
+    two half runs). A run name silently suffixed with the fingerprint would avoid that, but
+    the checkpoints would then sit under a name the user never chose (and Ray Train's
+    ``Result.from_path``, dashboards and MLflow would show it), and abandoned runs would
+    pile up unseen in the bucket. Refusing keeps the run name the user's handle; the
+    message gives both fixes: a new ``run.name``, or deleting the old run.
+    """
+    try:
+        storage.check_reachable(run_dir)
+    except storage.StorageError as exc:
+        raise ArtifactError(str(exc)) from None
+    marker = storage.join(run_dir, RUN_FINGERPRINT)
+    try:
+        found: str | None = storage.read_text(marker).strip()
+    except FileNotFoundError:
+        found = None
+    if found == fingerprint:
+        return run_dir
+    if found is not None or storage.list_children(run_dir):
+        what = f"fingerprint {found[:8]}" if found else f"no {RUN_FINGERPRINT} marker"
+        raise ArtifactError(
+            f"{run_dir} holds a Ray run of another config or inputs ({what}; this run is "
+            f"{fingerprint[:8]}), which Ray would resume from; object storage cannot move it "
+            f"aside: set run.name to a new name (e.g. {storage.name(run_dir)}-{fingerprint[:8]}), "
+            "or delete that prefix if its checkpoints are no longer needed"
+        )
+    storage.write_text(marker, fingerprint + "\n")
     return run_dir

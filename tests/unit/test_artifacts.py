@@ -77,7 +77,8 @@ def test_claim_run_dir_moves_other_runs_aside(tmp_path: Path) -> None:
     (aside,) = tmp_path.glob("run.superseded-aaaa1111-*")
     assert (aside / "checkpoint_000001").is_dir()  # kept, not deleted
     assert (run / artifacts.RUN_FINGERPRINT).read_text().strip() == "bbbb2222"
-    assert artifacts.claim_run_dir("s3://bucket/runs", "run", "cccc3333") is None
+    assert artifacts.claim_run_dir(None, "run", "cccc3333") is None
+    # object storage: tests/integration/test_pretrain_infer_s3.py
 
 
 # --- outputs never destroy what cellfoundry did not write -------------------------------

@@ -49,30 +49,43 @@ def test_s3_filesystem_takes_the_endpoint_and_keys_from_the_environment(
 def test_stages_not_wired_to_object_storage_refuse_it_before_any_work(tmp_path: Path) -> None:
     work: list[str] = []
 
-    @artifacts.holds_output("model", lambda out: out)
+    # a stage that has not opted in with object_storage=True (the real ones that have, e.g.
+    # pretraining, embed and perturb, are tested against moto's S3 in tests/integration)
+    @artifacts.holds_output("example", lambda out: out)
     def stage(out: str | Path) -> None:
         work.append("trained")
 
-    with pytest.raises(artifacts.ArtifactError, match=r"s3://bkt/model: the model stage cannot write to object storage yet"):  # fmt: skip
-        stage("s3://bkt/model")
+    with pytest.raises(artifacts.ArtifactError, match=r"s3://bkt/out: the example stage cannot write to object storage yet"):  # fmt: skip
+        stage("s3://bkt/out")
     with pytest.raises(artifacts.ArtifactError, match="cannot write to object storage yet"):
-        stage(Path("s3://bkt/model"))  # a URI mangled by Path: never a local "s3:" folder
+        stage(Path("s3://bkt/out"))  # a URI mangled by Path: never a local "s3:" folder
     assert work == [] and not Path("s3:").exists()
     with pytest.raises(storage.StorageError, match="gs:// yet"):
         locks._store(locks.lock_key("gs://bkt/x"))
-    stage(tmp_path / "model")
+    stage(tmp_path / "out")
     assert work == ["trained"]
 
 
-def test_the_corpus_stage_refuses_object_storage_before_creating_anything(
+def test_the_corpus_stage_takes_object_storage_but_a_bad_store_fails_before_anything(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """``run_corpus`` accepts ``s3://`` (tests/integration/test_corpus_s3.py runs it), and an
+    endpoint that does not answer fails at once, naming the URI and the variable to fix,
+    before the catalog is read or anything is created; a URI mangled into a local path
+    (``s3:/bkt/...``) is refused, never written as a local "s3:" folder."""
     from cellfoundry.config import CorpusConfig, parse_config
     from cellfoundry.corpus.pipeline import run_corpus
 
     monkeypatch.chdir(tmp_path)
-    cfg = parse_config(CorpusConfig, {"catalog": str(tmp_path / "catalog.yaml"),
-                                      "output_dir": "s3://bkt/corpus"})  # fmt: skip
-    with pytest.raises(artifacts.ArtifactError, match="the corpus stage cannot write to object"):
-        run_corpus(cfg)
-    assert list(tmp_path.iterdir()) == []  # no local "s3:" folder
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    for output in ("s3://bkt/corpus", "s3:/bkt/corpus"):
+        cfg = parse_config(CorpusConfig, {"catalog": str(tmp_path / "catalog.yaml"),
+                                          "output_dir": output})  # fmt: skip
+        message = "cannot reach the S3 endpoint.*AWS_ENDPOINT_URL" if "//" in output else (
+            "cannot write to object storage")  # fmt: skip
+        with pytest.raises(artifacts.ArtifactError, match=message) as info:
+            run_corpus(cfg)
+        assert "bkt/corpus/catalog" in str(info.value)  # names the output
+    assert list(tmp_path.iterdir()) == []  # no local "s3:" folder, no catalog read

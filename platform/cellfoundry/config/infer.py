@@ -18,6 +18,13 @@ from cellfoundry.paths import expand
 KINDS = ("delete", "overexpress", "inhibit", "activate")
 
 
+def _local_or_uri(path: str) -> str:
+    """``path`` with ``{shared}``/``~``/``$VARS`` expanded and made absolute (Ray actors do
+    not run in the driver's working directory); an object-store URI (``s3://bucket/key``)
+    is kept as it is, less a trailing slash."""
+    return path.rstrip("/") if "://" in path else os.path.abspath(expand(path))
+
+
 @dataclass
 class InferComputeConfig(ActorPoolConfig):
     """Where and how the model runs: an actor pool of ``map_batches``, each actor loading
@@ -74,12 +81,15 @@ class EmbedJobConfig:
     """What ``cellfoundry embed`` and ``jobs/embed.py`` read."""
 
     model: str
-    """A model directory (config.json + model.safetensors + token_dictionary.json)."""
+    """A model directory (config.json + model.safetensors + token_dictionary.json), or a
+    model artifact on object storage (``s3://bucket/model``)."""
     tokenized: str
-    """A tokenized artifact (``part-*.parquet`` shards with cell_id and input_ids)."""
+    """A tokenized artifact (``part-*.parquet`` shards with cell_id and input_ids), a folder
+    or a URI."""
     output: str
-    """The AnnData file to write (``.h5ad``); gene embeddings, the UMAP and the manifest go
-    into the artifact folder beside it, ``<output without .h5ad>.embeddings/``."""
+    """The AnnData file to write (``.h5ad``, a path or ``s3://bucket/emb.h5ad``); gene
+    embeddings, the UMAP and the manifest go into the artifact folder beside it,
+    ``<output without .h5ad>.embeddings/``."""
     layer: int = -2
     """Layer whose output is used: -2 second-to-last (the seeds' default), -1 the last."""
     pooling: Literal["mean", "cls"] = "mean"
@@ -96,9 +106,9 @@ class EmbedJobConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
-        self.model = os.path.abspath(expand(self.model))
-        self.tokenized = os.path.abspath(expand(self.tokenized))
-        self.output = os.path.abspath(expand(self.output))
+        self.model = _local_or_uri(self.model)
+        self.tokenized = _local_or_uri(self.tokenized)
+        self.output = _local_or_uri(self.output)
         if not self.output.endswith(".h5ad"):
             raise ValueError(f"output {self.output!r} must end with .h5ad")
         if self.max_cells is not None and self.max_cells < 1:
@@ -138,13 +148,14 @@ class PerturbJobConfig:
     """What ``cellfoundry perturb`` and ``jobs/perturb.py`` read."""
 
     model: str
-    """A model directory (config.json + model.safetensors + token_dictionary.json)."""
+    """A model directory (config.json + model.safetensors + token_dictionary.json), or a
+    model artifact on object storage (``s3://bucket/model``)."""
     tokenized: str
-    """A tokenized artifact whose cells are perturbed."""
+    """A tokenized artifact whose cells are perturbed (a folder or a URI)."""
     output_dir: str
-    """The ``screen`` artifact: ``screen/part-*.parquet``, ``stats.parquet``,
-    ``gene_stats.parquet``, ``stats.png``. Finished shards are kept in ``<output_dir>.work``
-    so a rerun skips them."""
+    """The ``screen`` artifact (a folder or ``s3://bucket/screen``): ``screen/part-*.parquet``,
+    ``stats.parquet``, ``gene_stats.parquet``, ``stats.png``. Finished shards are kept in
+    ``<output_dir>.work`` (a sibling folder or prefix) so a rerun skips them."""
     perturbations: list[PerturbationSpec] = field(default_factory=list)
     """Perturbations applied to every cell (genes not expressed: see ``perturb_ops``)."""
     genome_wide: Literal["delete", "overexpress", "inhibit", "activate"] | None = None
@@ -158,7 +169,8 @@ class PerturbJobConfig:
     goal: GoalConfig | None = None
     """Goal state for the goal shift; null: no goal shift (tests use the cell shift)."""
     null_screen: str | None = None
-    """A screen artifact whose values are the null distribution; null: pooled others."""
+    """A screen artifact (folder or URI) whose values are the null distribution; null:
+    pooled others."""
     filter: dict[str, list[str]] = field(default_factory=dict)
     """Perturb only cells whose metadata column is one of the values, e.g.
     {cell_type: [CD14+ Monocyte]}."""
@@ -170,11 +182,11 @@ class PerturbJobConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
-        self.model = os.path.abspath(expand(self.model))
-        self.tokenized = os.path.abspath(expand(self.tokenized))
-        self.output_dir = os.path.abspath(expand(self.output_dir))
+        self.model = _local_or_uri(self.model)
+        self.tokenized = _local_or_uri(self.tokenized)
+        self.output_dir = _local_or_uri(self.output_dir)
         if self.null_screen is not None:
-            self.null_screen = os.path.abspath(expand(self.null_screen))
+            self.null_screen = _local_or_uri(self.null_screen)
         if not self.perturbations and self.genome_wide is None:
             raise ValueError(
                 "give perturbations: [{kind: delete, genes: [ENSG...]}] or genome_wide: delete"

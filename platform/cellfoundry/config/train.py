@@ -7,6 +7,7 @@ decay 0.044). This module imports neither torch nor Ray.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -221,12 +222,16 @@ class RunConfig:
 
     def resolve(self, output_dir: str, folder: str) -> None:
         """Fill the defaults: name = ``output_dir``'s folder name, storage = ``folder``
-        beside it; a local storage path becomes absolute."""
+        beside it (a prefix beside it when ``output_dir`` is a URI); a local storage path
+        becomes absolute, a URI loses its trailing slash."""
+        output_dir = output_dir.rstrip("/")
         if self.name is None:
-            self.name = os.path.basename(output_dir.rstrip("/"))
+            self.name = os.path.basename(output_dir)
         if self.storage_path is None:
-            self.storage_path = os.path.join(os.path.dirname(output_dir), folder)
-        elif "://" not in self.storage_path:
+            self.storage_path = f"{os.path.dirname(output_dir)}/{folder}"
+        if "://" in self.storage_path:
+            self.storage_path = self.storage_path.rstrip("/")
+        else:
             self.storage_path = os.path.abspath(expand(self.storage_path))
 
 
@@ -259,8 +264,11 @@ class TrackingConfig:
     """Where rank 0 writes metrics: a CSV always, TensorBoard and MLflow optionally."""
 
     log_dir: str | None = None
-    """metrics.csv, loss_curve.png, tensorboard/ and mlruns/; default: ``logs`` in the run
-    folder (set it to a local or mounted folder when storage_path is a cloud URI)."""
+    """metrics.csv, loss_curve.png, tensorboard/ and mlruns/ (a local or mounted folder,
+    written by rank 0 on its node); default: ``logs`` in the run folder, or, when
+    ``run.storage_path`` is a URI, ``runs/<name>-<hash of storage_path>/logs`` in the local
+    cache (``$CELLFOUNDRY_CACHE_DIR``, else ``~/.cache/cellfoundry``). The model artifact
+    gets metrics.csv and the loss curve through the checkpoints either way."""
     tensorboard: bool = True
     mlflow: bool = True
     mlflow_tracking_uri: str | None = None
@@ -272,6 +280,16 @@ class TrackingConfig:
             self.log_dir = expand(self.log_dir)
 
 
+def _local_log_dir(storage_path: str, name: str) -> str:
+    """The default ``tracking.log_dir`` of a run kept on object storage: a folder of the
+    local cache, distinct per storage URI and run name (the same on a rerun, so a resumed
+    run on this machine appends to its metrics). Not shared between nodes: the model
+    artifact takes its metrics from the checkpoints instead."""
+    base = os.environ.get("CELLFOUNDRY_CACHE_DIR") or os.path.join("~", ".cache", "cellfoundry")
+    tag = hashlib.sha256(storage_path.encode()).hexdigest()[:8]
+    return os.path.join(os.path.expanduser(base), "runs", f"{name}-{tag}", "logs")
+
+
 @dataclass
 class PretrainJobConfig:
     """What ``cellfoundry pretrain`` and ``jobs/pretrain.py`` read."""
@@ -279,7 +297,8 @@ class PretrainJobConfig:
     data: DataConfig
     output_dir: str
     """The ``model`` artifact: a Hugging Face folder (config.json, model.safetensors,
-    token_dictionary.json), the DeepSpeed training state, metrics and the loss curve."""
+    token_dictionary.json), the DeepSpeed training state, metrics and the loss curve. A
+    local path or an object-store prefix (``s3://bucket/model``)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -303,15 +322,22 @@ class PretrainJobConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
-        self.output_dir = os.path.abspath(expand(self.output_dir))
+        self.output_dir = _local_or_uri(self.output_dir)
+        if "://" in self.output_dir:
+            self.output_dir = self.output_dir.rstrip("/")
         self.run.resolve(self.output_dir, "runs")
+        assert self.run.storage_path is not None and self.run.name is not None
         if self.tracking.log_dir is None:
             if "://" in self.run.storage_path:
-                raise ValueError(
-                    f"run.storage_path {self.run.storage_path} is not a local path: set "
-                    "tracking.log_dir to a local or mounted folder for the metric files"
-                )
-            self.tracking.log_dir = os.path.join(self.run.storage_path, self.run.name, "logs")
+                self.tracking.log_dir = _local_log_dir(self.run.storage_path, self.run.name)
+            else:
+                self.tracking.log_dir = os.path.join(self.run.storage_path, self.run.name, "logs")
+        if "://" in self.tracking.log_dir:
+            raise ValueError(
+                f"tracking.log_dir {self.tracking.log_dir} is a URI: TensorBoard, MLflow's file "
+                "store and the CSV are written to a local or mounted folder; set one, or leave "
+                "it unset for the default"
+            )
         self.tracking.log_dir = os.path.abspath(self.tracking.log_dir)
         if self.checkpoint_every < 1 or self.log_every < 1 or self.eval_every < 1:
             raise ValueError(

@@ -1,5 +1,11 @@
 """Helpers shared by the embedding and perturbation jobs: inputs, provenance, the Ray Data
-actor that holds an :class:`~cellfoundry.infer.embed.Embedder`."""
+actor that holds an :class:`~cellfoundry.infer.embed.Embedder`.
+
+Inputs may be local folders or artifacts on object storage (``s3://bucket/...``): tokenized
+shards are read in place through their filesystem (only those the manifest lists), a model
+is identified by its manifest without downloading it, and loaded on each node from its
+local cache copy (:func:`cellfoundry.artifacts.localize`).
+"""
 
 from __future__ import annotations
 
@@ -11,9 +17,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from cellfoundry import __version__
+from cellfoundry import __version__, artifacts, storage
 from cellfoundry.config.infer import InferComputeConfig
 
 logger = logging.getLogger(__name__)
@@ -24,13 +31,28 @@ TOKEN_COLUMNS = ("input_ids", "length")
 POOL_FIELDS = ("concurrency", "min_actors", "max_actors")
 
 
-def shard_files(tokenized: str | Path) -> list[Path]:
-    """The ``part-*.parquet`` shards of a tokenized artifact, in name order, checked to hold
-    ``cell_id`` and ``input_ids``."""
-    from cellfoundry.train.data import shard_files as tokenized_shards
+def shard_files(tokenized: str | Path) -> list[str]:
+    """The ``part-*.parquet`` shards of a tokenized artifact, in name order, as paths or
+    URIs (on object storage only those its manifest lists), checked to hold ``cell_id``
+    and ``input_ids``. Read them with :func:`read_table` or through :func:`shard_source`."""
+    if storage.is_remote(tokenized):
+        try:
+            files = artifacts.data_files(tokenized, "part-*.parquet")
+        except artifacts.ArtifactError as exc:
+            raise ValueError(
+                f"tokenized: {exc}; run `cellfoundry tokenize` or `cellfoundry corpus` first"
+            ) from None
+        if not files:
+            raise ValueError(
+                f"tokenized: {tokenized} holds no part-*.parquet shards; is it a tokenized "
+                "artifact?"
+            )
+    else:
+        from cellfoundry.train.data import shard_files as tokenized_shards
 
-    files = tokenized_shards(tokenized, field="tokenized")
-    schema = pq.read_schema(files[0])
+        files = [str(f) for f in tokenized_shards(tokenized, field="tokenized")]
+    fs, first = storage.resolve(files[0])
+    schema = pq.read_schema(first, filesystem=fs)
     for column in ("cell_id", "input_ids"):
         if column not in schema.names:
             raise ValueError(
@@ -39,18 +61,48 @@ def shard_files(tokenized: str | Path) -> list[Path]:
     return files
 
 
+def shard_source(files: list[str]) -> tuple[pafs.FileSystem, list[str]]:
+    """``(filesystem, paths within it)`` of :func:`shard_files`' output, for
+    ``ray.data.read_parquet(paths, filesystem=fs)`` (Ray's own S3 filesystem would ignore
+    ``AWS_ENDPOINT_URL``)."""
+    fs = storage.filesystem(files[0])
+    return fs, [storage.resolve(f)[1] for f in files]
+
+
+def read_table(path: str, **kwargs: Any) -> pa.Table:
+    """One Parquet file, local or on object storage (``pq.read_table`` keywords)."""
+    fs, p = storage.resolve(path)
+    return pq.read_table(p, filesystem=fs, **kwargs)
+
+
 def model_signature(model: str | Path) -> dict[str, str]:
     """What identifies a model directory: its manifest hash when it is an artifact, else a
-    hash of config.json and the weights' size and mtime."""
+    hash of config.json and the weights' size and mtime. A model on object storage must be
+    an artifact; it is identified by its manifest alone (nothing is downloaded), which is
+    byte for byte the manifest of its local cache copy, so both give the same signature."""
+    if storage.is_remote(model):
+        try:
+            manifest = artifacts.read_manifest(model)
+        except artifacts.ArtifactError as exc:
+            raise ValueError(
+                f"model: {exc}; point it at a model artifact (run `cellfoundry pretrain` with "
+                "output_dir there first)"
+            ) from None
+        if "config.json" not in manifest.get("data_files", {}):
+            raise ValueError(
+                f"model: {model} is a {manifest.get('kind')!r} artifact with no config.json; "
+                "point it at a model artifact"
+            )
+        return {"model_manifest_sha256": artifacts.manifest_hash(model)}
     directory = Path(model)
     if not (directory / "config.json").is_file():
         raise ValueError(
             f"model: {directory} has no config.json; point it at a model directory (run "
             "`cellfoundry pretrain` first)"
         )
-    manifest = directory / "manifest.json"
-    if manifest.is_file():
-        return {"model_manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest()}
+    manifest_file = directory / "manifest.json"
+    if manifest_file.is_file():
+        return {"model_manifest_sha256": hashlib.sha256(manifest_file.read_bytes()).hexdigest()}
     h = hashlib.sha256((directory / "config.json").read_bytes())
     for w in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("pytorch_model*.bin")):
         st = w.stat()
@@ -59,8 +111,11 @@ def model_signature(model: str | Path) -> dict[str, str]:
 
 
 def inputs_with_manifest(**paths: str | Path) -> dict[str, str]:
-    """The inputs that are complete artifacts (have a manifest.json), for write_artifact."""
-    return {k: str(p) for k, p in paths.items() if (Path(p) / "manifest.json").is_file()}
+    """The inputs that are complete artifacts (have a manifest.json, locally or on object
+    storage), for write_artifact."""
+    return {
+        k: str(p) for k, p in paths.items() if storage.is_file(storage.join(p, artifacts.MANIFEST))
+    }
 
 
 def provenance(model: str, tokenized: str, **extra: Any) -> dict[str, Any]:

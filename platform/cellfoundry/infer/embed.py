@@ -56,7 +56,8 @@ class Embedder:
     """A model loaded once, embedding cells (token id arrays as tokenized, with ``<cls>`` /
     ``<eos>`` in the V2 layout or none in V1).
 
-    ``model``: a model directory (loaded with ``cellfoundry.model.load_model``) or a loaded
+    ``model``: a model directory or a model artifact's URI (loaded with
+    ``cellfoundry.model.load_model``, a URI from this machine's cache copy) or a loaded
     ``transformers`` BERT (used as is: its device and dtype are kept). ``token_dictionary``
     defaults to the one saved in the model directory (or beside ``model.name_or_path``).
     ``batch_size``: cells per forward pass; ``max_tokens``: also cap padded tokens per pass.
@@ -79,8 +80,9 @@ class Embedder:
             raise ValueError(f"pooling {pooling!r}: use 'mean' or 'cls'")
         if isinstance(model, (str, Path)):
             from cellfoundry.model import load_model
+            from cellfoundry.model.checkpoint import local_dir
 
-            directory = Path(model)
+            directory = local_dir(model)  # a URI: copied whole into the local cache once
             dev = resolve_device(device)
             model = load_model(directory).to(dev, dtype=resolve_dtype(dtype, dev))
         else:

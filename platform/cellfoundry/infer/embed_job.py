@@ -5,6 +5,11 @@ actor pool (each actor loads the model once, CPU or GPU); inside a batch, cells 
 by length so padding is minimal. Output order equals input order
 (``runtime.configure_data_context``). The driver collects the cell embeddings (one row of
 ``hidden`` floats per cell) and merges the actors' per-batch gene-embedding sums.
+
+Model, tokenized input and outputs may be on object storage (``s3://``): the shards are
+read in place, each actor loads the model from its node's cache copy, and the driver, which
+collects everything, writes the .h5ad (uploaded whole) and stages the artifact's files
+(``genes.parquet``, ``umap.png``) for upload at its commit.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from cellfoundry import storage
 from cellfoundry.artifacts import (
     fingerprint,
     holds_output,
@@ -38,6 +44,7 @@ from cellfoundry.infer.common import (
     model_signature,
     provenance,
     shard_files,
+    shard_source,
 )
 from cellfoundry.infer.outputs import (
     OBSM_KEY,
@@ -46,6 +53,7 @@ from cellfoundry.infer.outputs import (
     plot_umap,
     write_h5ad,
 )
+from cellfoundry.train.storage_env import StorageEnv
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +65,19 @@ class EmbedCells:
     embedding (``_emb``), followed by rows of the batch's gene-embedding sums (``_g_*``)."""
 
     def __init__(
-        self, model: str, embedder: dict[str, Any], genes: bool, group_by: str | None
+        self,
+        model: str,
+        embedder: dict[str, Any],
+        genes: bool,
+        group_by: str | None,
+        storage_env: StorageEnv | None = None,
     ) -> None:
         from cellfoundry.infer.embed import Embedder
         from cellfoundry.logs import setup_logging
 
         setup_logging()
-        self.embedder = Embedder(model, **embedder)
+        with (storage_env or StorageEnv()).applied():  # a model URI: copied to this node
+            self.embedder = Embedder(model, **embedder)
         self.genes, self.group_by = genes, group_by
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -83,10 +97,10 @@ class EmbedCells:
 
 @dataclass
 class EmbedResult:
-    """Where the embeddings went and how many cells they cover."""
+    """Where the embeddings went (paths, or URIs on object storage) and how many cells."""
 
-    h5ad: Path
-    artifact: Path
+    h5ad: Path | str
+    artifact: Path | str
     n_cells: int
     reused: bool = False
 
@@ -99,7 +113,11 @@ class EmbedResult:
         }
 
 
-@holds_output("embeddings", lambda cfg: cfg.artifact_dir)
+def _local_or_uri(path: str) -> Path | str:
+    return path if storage.is_remote(path) else Path(path)
+
+
+@holds_output("embeddings", lambda cfg: cfg.artifact_dir, object_storage=True)
 def run_embed(cfg: EmbedJobConfig) -> EmbedResult:
     """Embed every cell of ``cfg.tokenized`` (Ray must be initialised; see :func:`run_embed_job`)."""
     import ray
@@ -107,24 +125,26 @@ def run_embed(cfg: EmbedJobConfig) -> EmbedResult:
     from cellfoundry.runtime import configure_data_context
 
     check_h5ad_output(cfg.output)  # the artifact folder beside it is held by this run
-    remove_stale_temps(cfg.output)
+    if not storage.is_remote(cfg.output):  # an object is uploaded whole: no temp to remove
+        remove_stale_temps(cfg.output)
     files = shard_files(cfg.tokenized)
     config = {**config_to_dict(cfg), "model_signature": model_signature(cfg.model)}
     config.pop("ray")
     for key in POOL_FIELDS:  # how many actors run it does not change the embeddings
         config["compute"].pop(key)
     inputs = inputs_with_manifest(model=cfg.model, tokenized=cfg.tokenized)
-    artifact = Path(cfg.artifact_dir)
+    artifact = _local_or_uri(cfg.artifact_dir)
     previous = reusable(artifact, "embeddings", fingerprint("embeddings", config, inputs))
-    if previous is not None and Path(cfg.output).is_file():
+    if previous is not None and storage.is_file(cfg.output):
         logger.info("embeddings in %s are up to date; reusing them", cfg.output)
         return EmbedResult(
-            Path(cfg.output), artifact, int(previous["counts"]["cells"]), reused=True
+            _local_or_uri(cfg.output), artifact, int(previous["counts"]["cells"]), reused=True
         )
     with write_artifact(artifact, "embeddings", config, inputs) as w:
         configure_data_context()
-        columns = [c for c in pq.read_schema(files[0]).names if c != "length"]
-        ds = ray.data.read_parquet([str(f) for f in files], columns=columns)
+        fs, paths = shard_source(files)
+        columns = [c for c in pq.read_schema(paths[0], filesystem=fs).names if c != "length"]
+        ds = ray.data.read_parquet(paths, filesystem=fs, columns=columns)
         if cfg.max_cells is not None:
             ds = ds.limit(cfg.max_cells)
         ds = ds.map_batches(
@@ -134,6 +154,7 @@ def run_embed(cfg: EmbedJobConfig) -> EmbedResult:
                 "embedder": embedder_kwargs(cfg.compute, cfg.layer, cfg.pooling),
                 "genes": cfg.genes,
                 "group_by": cfg.group_by,
+                "storage_env": StorageEnv.capture(cfg.model),
             },
             batch_format="pyarrow",
             **map_batches_kwargs(cfg.compute),
@@ -162,11 +183,12 @@ def run_embed(cfg: EmbedJobConfig) -> EmbedResult:
                 logger.warning(
                     "umap_color %r is not a metadata column; UMAP uncoloured", cfg.umap_color
                 )
-            plot_umap(emb, labels, w.dir / "umap.png", f"{Path(cfg.output).name}: {cfg.umap_color}")
+            title = f"{storage.name(cfg.output)}: {cfg.umap_color}"
+            plot_umap(emb, labels, w.dir / "umap.png", title)
     logger.info(
         "embedded %d cells -> %s (%s in %s)", cells.num_rows, cfg.output, OBSM_KEY, artifact
     )
-    return EmbedResult(Path(cfg.output), artifact, cells.num_rows)
+    return EmbedResult(_local_or_uri(cfg.output), artifact, cells.num_rows)
 
 
 def _collect(ds: Any, cfg: EmbedJobConfig) -> tuple[pa.Table, GeneSums | None]:

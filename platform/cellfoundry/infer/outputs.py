@@ -1,4 +1,8 @@
-"""Embedding outputs: the AnnData file, gene-embedding sums and their Parquet table, the UMAP."""
+"""Embedding outputs: the AnnData file, gene-embedding sums and their Parquet table, the UMAP.
+
+The AnnData file may be an object (``s3://bucket/emb.h5ad``): it is written to a local temp
+file, then uploaded whole (an object appears only once complete).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
+
+from cellfoundry import storage
 
 logger = logging.getLogger(__name__)
 
@@ -99,14 +106,27 @@ def check_h5ad_output(path: str | Path) -> None:
 
     from cellfoundry.artifacts import ArtifactError
 
-    path = Path(path)
-    if not path.exists():
-        return
-    try:
-        with h5py.File(path, "r") as f:
-            ours = f"uns/{UNS_KEY}" in f
-    except OSError:
+    if storage.is_remote(path):
+        found = storage.info(path)
+        if found.type == pafs.FileType.NotFound:
+            return
         ours = False
+        if found.type == pafs.FileType.File:
+            fs, key = storage.resolve(path)
+            try:  # h5py reads the few blocks it needs through a seekable remote file
+                with fs.open_input_file(key) as handle, h5py.File(handle, "r") as f:
+                    ours = f"uns/{UNS_KEY}" in f
+            except OSError:
+                ours = False
+    else:
+        path = Path(path)
+        if not path.exists():
+            return
+        try:
+            with h5py.File(path, "r") as f:
+                ours = f"uns/{UNS_KEY}" in f
+        except OSError:
+            ours = False
     if not ours:
         raise ArtifactError(
             f"{path} exists and is not an embeddings file written by cellfoundry (no "
@@ -116,10 +136,11 @@ def check_h5ad_output(path: str | Path) -> None:
 
 def write_h5ad(
     path: str | Path, obs: pa.Table, embeddings: np.ndarray, uns: dict[str, Any]
-) -> Path:
+) -> Path | str:
     """AnnData with ``.obs_names`` = cell_id, metadata in ``.obs`` (string columns as
     categoricals, nulls as missing values), ``.obsm["X_cellfoundry"]`` and provenance in
-    ``.uns["cellfoundry"]``; written to a temp name, then renamed."""
+    ``.uns["cellfoundry"]``; written to a temp name, then renamed (on object storage: a local
+    temp file, then uploaded whole). Returns ``path`` (a URI stays a string)."""
     import anndata as ad
     import pandas as pd
 
@@ -136,6 +157,16 @@ def write_h5ad(
             frame[name] = col.to_numpy()
     adata = ad.AnnData(obs=frame, obsm={OBSM_KEY: np.ascontiguousarray(embeddings, np.float32)})
     adata.uns[UNS_KEY] = uns
+    if storage.is_remote(path):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="cf-h5ad-") as tmpdir:
+            local = Path(tmpdir) / storage.name(path)
+            adata.write_h5ad(local)
+            fs, key = storage.resolve(path)
+            pafs.copy_files(str(local), key, source_filesystem=pafs.LocalFileSystem(),
+                                    destination_filesystem=fs)  # fmt: skip
+        return path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")

@@ -7,6 +7,14 @@ each actor loads the model once). An actor perturbs its shard's cells with
 under ``<output_dir>.work/<fingerprint>/``: memory stays bounded, and a rerun skips the
 shards already finished. The driver then assembles the ``screen`` artifact: the shards,
 ``stats.parquet`` (tests + FDR), ``gene_stats.parquet`` and ``stats.png``.
+
+On object storage (``s3://``) nothing is shared but the store: actors, on any node, read
+their shard and load the model by URI (with the driver's storage settings, see
+:mod:`cellfoundry.train.storage_env`) and write their results to the work prefix
+``<output_dir>.work/<fingerprint>/`` (a temp object, then a server-side copy to its final
+name, so a failed actor never leaves a finished-looking shard). The driver downloads the
+finished shards into the artifact's local staging folder, computes the statistics there
+and uploads everything at the commit.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from cellfoundry import artifacts, storage
 from cellfoundry.artifacts import fingerprint, holds_output, reusable, write_artifact
 from cellfoundry.config.infer import PerturbJobConfig
 from cellfoundry.config.loader import config_to_dict, load_config
@@ -38,8 +48,11 @@ from cellfoundry.infer.common import (
     map_batches_kwargs,
     model_signature,
     provenance,
+    read_table,
     shard_files,
+    shard_source,
 )
+from cellfoundry.train.storage_env import StorageEnv
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +71,9 @@ def select_cells(table: pa.Table, filters: dict[str, list[str]], max_cells: int 
 class PerturbShards:
     """Ray Data UDF (an actor): each item ``{src, dst}`` perturbs one shard into ``dst``."""
 
-    def __init__(self, cfg: dict[str, Any], goal: list[float] | None) -> None:
+    def __init__(
+        self, cfg: dict[str, Any], goal: list[float] | None, storage_env: StorageEnv | None = None
+    ) -> None:
         from cellfoundry.config.loader import parse_config
         from cellfoundry.infer.embed import Embedder
         from cellfoundry.infer.perturb_ops import perturbation_from_genes
@@ -66,8 +81,10 @@ class PerturbShards:
 
         setup_logging()
         self.cfg = parse_config(PerturbJobConfig, cfg)
+        self.storage_env = storage_env or StorageEnv()
         c = self.cfg
-        self.embedder = Embedder(c.model, **embedder_kwargs(c.compute, c.layer, c.pooling))
+        with self.storage_env.applied():  # a model URI: copied to this node's cache once
+            self.embedder = Embedder(c.model, **embedder_kwargs(c.compute, c.layer, c.pooling))
         vocab = self.embedder.token_dictionary
         self.perturbations = [
             perturbation_from_genes(p.kind, p.genes, vocab) for p in c.perturbations
@@ -75,32 +92,50 @@ class PerturbShards:
         self.goal = None if goal is None else np.asarray(goal, np.float32)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = [
-            self.process(str(s), str(d)) for s, d in zip(batch["src"], batch["dst"], strict=True)
-        ]
+        with self.storage_env.applied():
+            results = [
+                self.process(str(s), str(d))
+                for s, d in zip(batch["src"], batch["dst"], strict=True)
+            ]
         return {"result": np.array([json.dumps(r) for r in results], dtype=object)}
 
     def process(self, src: str, dst: str) -> dict[str, Any]:
         from cellfoundry.infer.perturb import RESULT_SCHEMA, iter_perturb_cells
 
         c = self.cfg
-        table = select_cells(pq.read_table(src), c.filter, c.max_cells)
+        table = select_cells(read_table(src), c.filter, c.max_cells)
         cells, ids = cells_of(table), table["cell_id"].to_pylist()
-        tmp = Path(dst).with_name(f".{Path(dst).name}.tmp-{os.getpid()}")
+        name = storage.name(dst)
+        # under a temp name first: a writer closed by an exception must not leave a file
+        # that a rerun takes for a finished shard
+        tmp = storage.join(storage.parent(dst), f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+        fs, tmp_path = storage.resolve(tmp)
+        _, dst_path = storage.resolve(dst)
+        if not storage.is_remote(dst):
+            Path(tmp_path).parent.mkdir(parents=True, exist_ok=True)
         rows = done = 0
-        with pq.ParquetWriter(tmp, RESULT_SCHEMA) as writer:
-            for part in iter_perturb_cells(
-                self.embedder, cells, self.perturbations, genome_wide=c.genome_wide,
-                fraction=c.fraction, goal=self.goal, gene_shifts=c.gene_shifts, cell_ids=ids,
-                max_sequences=c.max_sequences,
-            ):  # fmt: skip
-                writer.write_table(part)
-                rows += part.num_rows
-                done = int(part["cell_index"][-1].as_py()) + 1 if part.num_rows else done
-                logger.info(
-                    "%s: %d rows, cells up to %d of %d", Path(src).name, rows, done, len(cells)
-                )
-        os.replace(tmp, dst)
+        try:
+            with pq.ParquetWriter(tmp_path, RESULT_SCHEMA, filesystem=fs) as writer:
+                for part in iter_perturb_cells(
+                    self.embedder, cells, self.perturbations, genome_wide=c.genome_wide,
+                    fraction=c.fraction, goal=self.goal, gene_shifts=c.gene_shifts, cell_ids=ids,
+                    max_sequences=c.max_sequences,
+                ):  # fmt: skip
+                    writer.write_table(part)
+                    rows += part.num_rows
+                    done = int(part["cell_index"][-1].as_py()) + 1 if part.num_rows else done
+                    logger.info(
+                        "%s: %d rows, cells up to %d of %d", storage.name(src), rows, done,
+                        len(cells),
+                    )  # fmt: skip
+            if storage.is_remote(dst):
+                # no rename on object storage: a server-side copy (single CopyObject, up to
+                # 5 GB per shard of results), then the temp object goes
+                fs.copy_file(tmp_path, dst_path)
+            else:
+                os.replace(tmp_path, dst_path)
+        finally:
+            storage.delete_file(tmp)
         return {"src": src, "cells": len(cells), "rows": rows}
 
 
@@ -113,7 +148,8 @@ def goal_embedding(cfg: PerturbJobConfig) -> np.ndarray | None:
     if cfg.goal is None:
         return None
     goal = cfg.goal
-    ds = ray.data.read_parquet([str(f) for f in shard_files(cfg.tokenized)])
+    fs, paths = shard_source(shard_files(cfg.tokenized))
+    ds = ray.data.read_parquet(paths, filesystem=fs)
     ds = ds.map_batches(
         lambda t: select_cells(t, {goal.column: [goal.value]}, None), batch_format="pyarrow"
     ).limit(goal.max_cells)
@@ -124,6 +160,7 @@ def goal_embedding(cfg: PerturbJobConfig) -> np.ndarray | None:
             "embedder": embedder_kwargs(cfg.compute, cfg.layer, cfg.pooling),
             "genes": False,
             "group_by": None,
+            "storage_env": StorageEnv.capture(cfg.model),
         },
         batch_format="pyarrow",
         **map_batches_kwargs(cfg.compute),
@@ -144,9 +181,9 @@ def goal_embedding(cfg: PerturbJobConfig) -> np.ndarray | None:
 
 @dataclass
 class PerturbResult:
-    """The screen artifact and its counts."""
+    """The screen artifact (a folder, or a URI on object storage) and its counts."""
 
-    artifact: Path
+    artifact: Path | str
     counts: dict[str, int]
     reused: bool = False
 
@@ -154,7 +191,7 @@ class PerturbResult:
         return {"artifact": str(self.artifact), "counts": self.counts, "reused": self.reused}
 
 
-@holds_output("screen", lambda cfg: cfg.output_dir)
+@holds_output("screen", lambda cfg: cfg.output_dir, object_storage=True)
 def run_perturb(cfg: PerturbJobConfig) -> PerturbResult:
     """Run the screen of ``cfg`` (Ray must be initialised; see :func:`run_perturb_job`)."""
     import ray
@@ -173,15 +210,18 @@ def run_perturb(cfg: PerturbJobConfig) -> PerturbResult:
         config["compute"].pop(key)
     inputs = inputs_with_manifest(model=cfg.model, tokenized=cfg.tokenized)
     fp = fingerprint("screen", config, inputs)
-    out = Path(cfg.output_dir)
+    remote = storage.is_remote(cfg.output_dir)
+    out: Path | str = cfg.output_dir if remote else Path(cfg.output_dir)
     previous = reusable(out, "screen", fp)
     if previous is not None:
         logger.info("screen %s is up to date; reusing it", out)
         return PerturbResult(out, previous["counts"], reused=True)
-    work = Path(f"{cfg.output_dir}.work") / fp
-    work.mkdir(parents=True, exist_ok=True)
-    items = [{"src": str(f), "dst": str(work / f.name)} for f in files]
-    todo = [i for i in items if not Path(i["dst"]).is_file()]
+    work_root = f"{cfg.output_dir}.work"  # a sibling folder, or prefix on object storage
+    work = storage.join(work_root, fp)
+    if not remote:
+        Path(work).mkdir(parents=True, exist_ok=True)
+    items = [{"src": f, "dst": storage.join(work, storage.name(f))} for f in files]
+    todo = [i for i in items if not storage.is_file(i["dst"])]
     logger.info(
         "screen: %d shards, %d finished before, %d to run",
         len(items),
@@ -196,39 +236,57 @@ def run_perturb(cfg: PerturbJobConfig) -> PerturbResult:
             fn_constructor_kwargs={
                 "cfg": config_to_dict(cfg),
                 "goal": None if goal is None else goal.tolist(),
+                "storage_env": StorageEnv.capture(cfg.model, cfg.tokenized, cfg.output_dir),
             },
             **{**map_batches_kwargs(cfg.compute), "batch_size": 1},
         )
         for r in ds.take_all():
             logger.info("screen shard done: %s", r["result"])
     with write_artifact(out, "screen", config, inputs) as w:
-        counts = _assemble(cfg, work, [Path(i["dst"]) for i in items], w.dir)
+        counts = _assemble(cfg, [i["dst"] for i in items], w.dir)
         w.counts = counts
         w.extra = {
             "provenance": provenance(cfg.model, cfg.tokenized, layer=cfg.layer, pooling=cfg.pooling)
         }
-    # Only the work folders this stage made (one per fingerprint), then the folder if empty.
-    for child in work.parent.iterdir():
-        if re.fullmatch(r"[0-9a-f]{32}", child.name) and child.is_dir():
-            shutil.rmtree(child, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        work.parent.rmdir()
+    _remove_work(work_root)
     return PerturbResult(out, counts)
 
 
-def _assemble(cfg: PerturbJobConfig, work: Path, parts: list[Path], dest: Path) -> dict[str, int]:
-    """Shards into ``dest/screen``, then the statistics and the plot."""
+def _remove_work(work_root: str) -> None:
+    """Only the work folders this stage made (one per fingerprint), then the folder if
+    empty (a prefix on object storage is gone once its objects are)."""
+    fingerprint_dir = re.compile(r"[0-9a-f]{32}")
+    if storage.is_remote(work_root):
+        for name, is_dir in storage.list_children(work_root).items():
+            if is_dir and fingerprint_dir.fullmatch(name):
+                storage.delete_prefix(storage.join(work_root, name))
+        return
+    root = Path(work_root)
+    for child in root.iterdir():
+        if fingerprint_dir.fullmatch(child.name) and child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        root.rmdir()
+
+
+def _assemble(cfg: PerturbJobConfig, parts: list[str], dest: Path) -> dict[str, int]:
+    """Shards (paths or URIs) into ``dest/screen`` (local: the artifact's temp folder or
+    staging folder), then the statistics and the plot."""
     from cellfoundry.infer.stats import gene_shift_stats, plot_stats, screen_stats
     from cellfoundry.model import load_token_dictionary_for
 
     screen = dest / "screen"
     screen.mkdir()
-    for p in parts:
+    names = [storage.name(p) for p in parts]
+    for p, name in zip(parts, names, strict=True):
+        if storage.is_remote(p):
+            storage.download_file(p, screen / name)
+            continue
         try:
-            os.link(p, screen / p.name)
+            os.link(p, screen / name)
         except OSError:
-            shutil.copy2(p, screen / p.name)
-    lf = pl.scan_parquet([str(screen / p.name) for p in parts])
+            shutil.copy2(p, screen / name)
+    lf = pl.scan_parquet([str(screen / name) for name in names])
     null = _null_values(cfg.null_screen, cfg.goal is not None) if cfg.null_screen else None
     stats = screen_stats(lf, null=null)
     stats.write_parquet(dest / "stats.parquet")
@@ -250,9 +308,18 @@ def _assemble(cfg: PerturbJobConfig, work: Path, parts: list[Path], dest: Path) 
 
 
 def _null_values(path: str, goal: bool) -> np.ndarray:
-    """The tested values of a null screen artifact (goal shifts, or cell shifts)."""
-    lf = pl.scan_parquet(str(Path(path) / "screen" / "*.parquet"))
+    """The tested values of a null screen artifact (goal shifts, or cell shifts), a folder
+    or a URI (then only the shards its manifest lists, and only the tested column)."""
     col = pl.col("goal_shift") if goal else 1.0 - pl.col("cell_cos").cast(pl.Float64)
+    if storage.is_remote(path):
+        column = "goal_shift" if goal else "cell_cos"
+        files = artifacts.data_files(path, "screen/*.parquet")
+        if not files:
+            raise ValueError(f"null_screen: {path} lists no screen/*.parquet shards")
+        fs, paths = shard_source(files)
+        lf = pl.from_arrow(pq.read_table(paths, filesystem=fs, columns=[column])).lazy()
+    else:
+        lf = pl.scan_parquet(str(Path(path) / "screen" / "*.parquet"))
     return lf.select(col.alias("v")).drop_nulls().collect()["v"].to_numpy()
 
 

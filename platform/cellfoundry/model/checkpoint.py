@@ -8,6 +8,11 @@ weights (the pooler and next-sentence head are dropped), safetensors or ``pytorc
 
 We write safetensors only; a released ``pytorch_model.bin`` is read with
 ``torch.load(weights_only=True)``, which refuses any pickle that needs a class or function.
+
+Every loader here also takes the URI of a ``model`` artifact on object storage
+(``s3://bucket/model``): it is first copied whole into this machine's artifact cache
+(:func:`cellfoundry.artifacts.localize`, once per machine and manifest), so a Ray actor on
+any node loads a model given only its URI, with no shared filesystem.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any
 import torch
 import transformers
 
+from cellfoundry import artifacts
 from cellfoundry.genes.vocab import load_token_dictionary, save_token_dictionary
 from cellfoundry.integrity import refused_pickle_reason
 from cellfoundry.model.build import ATTN_IMPLEMENTATION
@@ -38,6 +44,7 @@ __all__ = [
     "load_checkpoint_extra",
     "load_model",
     "load_token_dictionary_for",
+    "local_dir",
     "save_checkpoint",
 ]
 
@@ -49,6 +56,12 @@ _DROPPED_PREFIXES = ("bert.pooler.", "pooler.", "cls.seq_relationship.")
 
 class CheckpointError(ValueError):
     """A directory is not a loadable BERT checkpoint, or what is saved does not fit."""
+
+
+def local_dir(directory: str | Path) -> Path:
+    """``directory`` as a local folder: itself when local; for an object-store URI, the
+    local copy of the complete artifact there (:func:`cellfoundry.artifacts.localize`)."""
+    return artifacts.localize(directory)
 
 
 def _unwrap(model: torch.nn.Module) -> transformers.PreTrainedModel:
@@ -110,15 +123,16 @@ def save_checkpoint(
 def load_model(
     directory: str | Path, *, dtype: torch.dtype | None = None
 ) -> transformers.BertForMaskedLM:
-    """Load a ``BertForMaskedLM`` (SDPA attention) from a checkpoint directory: ours, or a
-    released Geneformer one (``BertForMaskedLM`` / ``BertForPreTraining`` weights).
+    """Load a ``BertForMaskedLM`` (SDPA attention) from a checkpoint directory (or a model
+    artifact's URI, see the module docstring): ours, or a released Geneformer one
+    (``BertForMaskedLM`` / ``BertForPreTraining`` weights).
 
     ``dtype`` defaults to float32 whatever the stored dtype. An encoder-only checkpoint loads
     with a freshly initialised MLM head and a ``UserWarning``; missing encoder weights or a
     non-BERT config raise :class:`CheckpointError`, as does a ``pytorch_model.bin`` that
     holds more than tensors (read with ``weights_only=True``: nothing in it runs).
     """
-    directory = Path(directory)
+    directory = local_dir(directory)
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise CheckpointError(
@@ -175,13 +189,15 @@ def load_model(
 
 
 def load_token_dictionary_for(directory: str | Path) -> dict[str, int] | None:
-    """The token dictionary saved with a checkpoint (validated), or None if it has none
+    """The token dictionary saved with a checkpoint (a folder or a model artifact's URI;
+    validated), or None if it has none
     (e.g. a released Geneformer folder: use the published dictionary of its version)."""
-    path = Path(directory) / TOKEN_DICTIONARY_FILE
+    path = local_dir(directory) / TOKEN_DICTIONARY_FILE
     return load_token_dictionary(path) if path.is_file() else None
 
 
 def load_checkpoint_extra(directory: str | Path) -> dict[str, Any] | None:
-    """The ``extra`` metadata saved with a checkpoint, or None."""
-    path = Path(directory) / EXTRA_FILE
+    """The ``extra`` metadata saved with a checkpoint (a folder or a model artifact's URI),
+    or None."""
+    path = local_dir(directory) / EXTRA_FILE
     return json.loads(path.read_text()) if path.is_file() else None

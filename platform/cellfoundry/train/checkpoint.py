@@ -9,6 +9,7 @@ folder; Ray Train merges them into one checkpoint):
                               HMAC-SHA256 of every file rank N wrote under ds/
     hf/                       config.json, model.safetensors, token_dictionary.json (rank 0)
     state.json                step and counters (rank 0)
+    metrics.csv               the metric rows up to this step (rank 0; never unpickled)
 
 DeepSpeed unpickles its files with ``torch.load(weights_only=False)``, so a file planted in
 the run storage would run code in every worker that resumes. Each rank therefore signs the

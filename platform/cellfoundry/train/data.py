@@ -38,15 +38,25 @@ def resolve_token_dictionary(data: DataConfig) -> tuple[Path, dict[str, int]]:
     """The token dictionary file of ``data`` and its contents (validated).
 
     ``data.token_dictionary`` may be a file or a folder (a ``vocabulary`` artifact, or a
-    Geneformer dictionary folder with ``token_dictionary*.json``/``.pkl``); by default the
-    ``vocabulary`` artifact beside the tokenized one is used.
+    Geneformer dictionary folder with ``token_dictionary*.json``/``.pkl``), or the URI of a
+    ``vocabulary`` artifact on object storage (copied into the local cache first, on each
+    machine that needs it); by default the ``vocabulary`` artifact beside a local tokenized
+    one is used.
     """
+    from cellfoundry import artifacts, storage
+
     given = data.token_dictionary
-    if given is None and "://" in data.tokenized:
+    if given is None and storage.is_remote(data.tokenized):
         raise ValueError(
             f"data.token_dictionary is not set and data.tokenized {data.tokenized} is a URI: "
-            "set data.token_dictionary to a local vocabulary folder or dictionary file"
+            "set data.token_dictionary to a vocabulary folder, a dictionary file or the URI of "
+            "a vocabulary artifact"
         )
+    if given is not None and storage.is_remote(given):
+        try:
+            given = str(artifacts.localize(given))
+        except artifacts.ArtifactError as exc:
+            raise ValueError(f"data.token_dictionary: {exc}") from None
     if given is None:
         path = Path(data.tokenized).parent / "vocabulary" / TOKEN_DICTIONARY_FILE
         if not path.is_file():

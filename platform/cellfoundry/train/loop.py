@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ from cellfoundry.train.checkpoint import (
     step_tag,
 )
 from cellfoundry.train.data import derive_seed
-from cellfoundry.train.metrics import MetricsLogger, gpu_peak_flops
+from cellfoundry.train.metrics import CSV_FILE, MetricsLogger, gpu_peak_flops
 from cellfoundry.train.objective import MaskedLMObjective, training_flops
 from cellfoundry.train.optim import build_optimizer, build_scheduler
 from cellfoundry.train.setup import RunSpec, prepare_run
@@ -138,6 +139,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = load_training_checkpoint(engine, Path(directory))
+            if rank == 0:
+                _seed_metrics(Path(directory) / CSV_FILE, Path(cfg.tracking.log_dir or ""))
     start = int(state["step"])
     end = plan.total_steps if cfg.stop_at_step is None else min(plan.total_steps, cfg.stop_at_step)
     peak = (
@@ -224,6 +227,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics_log.close(finished=end == plan.total_steps)
 
 
+def _seed_metrics(saved: Path, log_dir: Path) -> None:
+    """Start the local metrics.csv from the checkpoint's copy when this node has none (rank
+    0 resumed on another machine, with no shared filesystem): the rows before the resumed
+    step are kept, as on the machine that wrote them."""
+    if saved.is_file() and not (log_dir / CSV_FILE).is_file():
+        log_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(saved, log_dir / CSV_FILE)
+
+
 def _save_and_report(
     engine: Any, cfg: PretrainJobConfig, run: RunSpec, state: dict[str, Any], last: dict[str, Any],
     rank: int, *, completed: bool,
@@ -246,6 +258,11 @@ def _save_and_report(
             extra=extra,
             rank=rank,
         )
+        csv_file = Path(cfg.tracking.log_dir or "") / CSV_FILE
+        if rank == 0 and csv_file.is_file():
+            # the rows so far travel with the checkpoint: the driver and a resumed rank 0
+            # may run on machines that cannot see this node's log folder
+            shutil.copy2(csv_file, Path(tmp) / CSV_FILE)
         metrics = {k: v for k, v in last.items() if v is not None}
         metrics.update(step=state["step"], completed=completed, total_steps=run.plan.total_steps)
         ray.train.report(

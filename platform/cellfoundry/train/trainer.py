@@ -1,4 +1,12 @@
-"""``run_pretrain``: check the config, run ``TorchTrainer``, write the ``model`` artifact."""
+"""``run_pretrain``: check the config, run ``TorchTrainer``, write the ``model`` artifact.
+
+``output_dir`` and ``run.storage_path`` may be object-store URIs (``s3://bucket/...``):
+Ray Train then keeps its checkpoints there through :func:`cellfoundry.storage.filesystem`
+(pyarrow's ``S3FileSystem()`` alone ignores ``AWS_ENDPOINT_URL``), and the model artifact
+commits as :mod:`cellfoundry.artifacts` describes. No filesystem is shared: workers read
+the tokenized shards from storage, the driver takes the model and metrics.csv from the
+last checkpoint (which rank 0 wrote, wherever it ran) and draws the loss curve itself.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cellfoundry import artifacts, runtime
+from cellfoundry import artifacts, runtime, storage
 from cellfoundry.config.loader import config_to_dict
 from cellfoundry.config.train import PretrainJobConfig
 from cellfoundry.integrity import KEY_ENV
 from cellfoundry.model import count_parameters
 from cellfoundry.train.checkpoint import DS_DIR, HF_DIR, STATE_FILE
 from cellfoundry.train.loop import train_loop_per_worker
-from cellfoundry.train.metrics import CSV_FILE, PNG_FILE
+from cellfoundry.train.metrics import CSV_FILE, PNG_FILE, plot_loss_curve
 from cellfoundry.train.setup import RunSpec, prepare_run
+from cellfoundry.train.storage_env import StorageEnv, WithStorageEnv
 from cellfoundry.train.zero import resolve_settings
 
 logger = logging.getLogger(__name__)
@@ -43,8 +52,8 @@ class PretrainResult:
     total_steps: int
     completed: bool
     """False when the run stopped early (``stop_at_step``); rerun to continue."""
-    model_dir: Path | None
-    """The ``model`` artifact (None until the run completes)."""
+    model_dir: Path | str | None
+    """The ``model`` artifact, a folder or a URI (None until the run completes)."""
     checkpoint_path: str | None
     """The latest Ray Train checkpoint of the run."""
     log_dir: Path
@@ -73,14 +82,30 @@ def _fingerprint_config(cfg: PretrainJobConfig) -> dict[str, Any]:
 
 
 def _inputs(cfg: PretrainJobConfig, spec: RunSpec) -> dict[str, str]:
-    """Input artifacts (those with a manifest) for the model artifact's manifest."""
-    candidates = {
-        "tokenized": Path(cfg.data.tokenized),
-        "vocabulary": spec.token_dictionary_path.parent,
-    }
+    """Input artifacts (those with a manifest, local or on object storage) for the model
+    artifact's manifest."""
+    vocabulary = cfg.data.token_dictionary
+    if vocabulary is None or not storage.is_remote(vocabulary):  # not the local cache's copy
+        vocabulary = str(spec.token_dictionary_path.parent)
+    candidates = {"tokenized": cfg.data.tokenized, "vocabulary": vocabulary}
     if cfg.data.validation.tokenized is not None:
-        candidates["validation"] = Path(cfg.data.validation.tokenized)
-    return {k: str(p) for k, p in candidates.items() if (p / artifacts.MANIFEST).is_file()}
+        candidates["validation"] = cfg.data.validation.tokenized
+    return {
+        k: p for k, p in candidates.items() if storage.is_file(storage.join(p, artifacts.MANIFEST))
+    }
+
+
+def _output(cfg: PretrainJobConfig) -> Path | str:
+    """``output_dir`` as a folder, or as the URI it is."""
+    return cfg.output_dir if storage.is_remote(cfg.output_dir) else Path(cfg.output_dir)
+
+
+def _checkpoint_uri(cfg: PretrainJobConfig, path: str) -> str:
+    """A Ray checkpoint's path as the user can use it: Ray reports paths within the storage
+    filesystem, which for object storage lack the scheme (``bucket/key``)."""
+    if storage.is_remote(cfg.run.storage_path or "") and "://" not in path:
+        return f"{storage.split(cfg.run.storage_path or '')[0]}://{path}"
+    return path
 
 
 def _result(cfg: PretrainJobConfig, metrics: dict[str, Any], **kwargs: Any) -> PretrainResult:
@@ -99,7 +124,7 @@ def _result(cfg: PretrainJobConfig, metrics: dict[str, Any], **kwargs: Any) -> P
     )
 
 
-@artifacts.holds_output("model", lambda cfg: cfg.output_dir)
+@artifacts.holds_output("model", lambda cfg: cfg.output_dir, object_storage=True)
 def run_pretrain(cfg: PretrainJobConfig) -> PretrainResult:
     """Pretrain per ``cfg`` on Ray Train (starting a local Ray if none is running) and write
     the ``model`` artifact at ``cfg.output_dir`` once the last step is done.
@@ -116,7 +141,7 @@ def run_pretrain(cfg: PretrainJobConfig) -> PretrainResult:
     if manifest is not None:
         logger.info("pretrain: reusing %s", cfg.output_dir)
         return _result(
-            cfg, manifest.get("metrics", {}), completed=True, model_dir=Path(cfg.output_dir),
+            cfg, manifest.get("metrics", {}), completed=True, model_dir=_output(cfg),
             checkpoint_path=manifest.get("run", {}).get("checkpoint"), reused=True,
         )  # fmt: skip
     logger.info(
@@ -125,17 +150,20 @@ def run_pretrain(cfg: PretrainJobConfig) -> PretrainResult:
         spec.validation_index.total if spec.validation_index else 0,
         spec.plan.total_steps, cfg.run.name, cfg.run.storage_path,
     )  # fmt: skip
-    # Ray Train resumes a run folder of this name: only one of the same config and inputs.
+    # Ray Train resumes a run folder of this name: only one of the same config and inputs
+    # (on object storage a run of another config is refused, see claim_run_dir).
     artifacts.claim_run_dir(cfg.run.storage_path, cfg.run.name, fingerprint)
     result = _fit(cfg, spec)
     metrics = dict(result.metrics or {})
     checkpoint = result.checkpoint
     completed = bool(metrics.get("completed")) and checkpoint is not None
     model_dir = None
+    checkpoint_path = _checkpoint_uri(cfg, checkpoint.path) if checkpoint is not None else None
     if completed:
-        with checkpoint.as_directory() as directory:
+        assert checkpoint_path is not None
+        with checkpoint.as_directory() as directory:  # downloaded when remote
             model_dir = _write_model_artifact(
-                cfg, spec, Path(directory), metrics, checkpoint.path, fp_config, inputs
+                cfg, spec, Path(directory), metrics, checkpoint_path, fp_config, inputs
             )
     else:
         logger.info(
@@ -144,9 +172,8 @@ def run_pretrain(cfg: PretrainJobConfig) -> PretrainResult:
             spec.plan.total_steps,
         )
     return _result(
-        cfg, metrics, completed=completed, model_dir=model_dir,
-        checkpoint_path=checkpoint.path if checkpoint is not None else None,
-    )  # fmt: skip
+        cfg, metrics, completed=completed, model_dir=model_dir, checkpoint_path=checkpoint_path
+    )
 
 
 def _fit(cfg: PretrainJobConfig, spec: RunSpec) -> Any:
@@ -162,8 +189,20 @@ def _fit(cfg: PretrainJobConfig, spec: RunSpec) -> Any:
         for k, v in os.environ.items()
         if k.startswith(FORWARDED_ENV_PREFIXES) and k not in SECRET_ENV
     }
+    # workers read the shards (and a vocabulary artifact) with the driver's storage settings
+    settings = StorageEnv.capture(
+        cfg.data.tokenized, cfg.data.validation.tokenized, cfg.data.token_dictionary
+    )
+    loop = (
+        WithStorageEnv(train_loop_per_worker, settings) if settings.env else train_loop_per_worker
+    )
+    storage_path, storage_fs = cfg.run.storage_path, None
+    if storage.is_remote(storage_path or ""):
+        # Ray's own S3FileSystem() would ignore AWS_ENDPOINT_URL: hand it ours (configured
+        # from the environment, pickled to the controller and workers) and the bare path.
+        storage_fs, storage_path = storage.resolve(storage_path or "")
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        loop,
         # the driver's shard index: workers read only their blocks, never all footers
         train_loop_config={"job": config_to_dict(cfg), "indexes": spec.indexes_state()},
         torch_config=NodeBoundTorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
@@ -174,7 +213,8 @@ def _fit(cfg: PretrainJobConfig, spec: RunSpec) -> Any:
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
-            storage_path=cfg.run.storage_path,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.failure.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
             worker_runtime_env={"env_vars": env} if env else None,
@@ -187,16 +227,23 @@ def _write_model_artifact(
     cfg: PretrainJobConfig, spec: RunSpec, checkpoint_dir: Path, metrics: dict[str, Any],
     checkpoint_path: str, fp_config: dict[str, Any], inputs: dict[str, str],
 ) -> Path:  # fmt: skip
-    """HF files at the top, DeepSpeed state in ``training_state/``, metrics and the curve."""
+    """HF files at the top, DeepSpeed state in ``training_state/``, metrics and the curve.
+
+    metrics.csv comes from the checkpoint (rank 0 put it there, on whichever node it ran),
+    else from the local log folder; the loss curve is drawn here from that file, so both
+    describe the same run even when rank 0's log folder is on another machine."""
     log_dir = Path(cfg.tracking.log_dir or "")
     with artifacts.write_artifact(cfg.output_dir, "model", fp_config, inputs) as w:
         for item in (checkpoint_dir / HF_DIR).iterdir():
             shutil.copy2(item, w.dir / item.name)
         shutil.copytree(checkpoint_dir / DS_DIR, w.dir / "training_state")
         shutil.copy2(checkpoint_dir / STATE_FILE, w.dir / "training_state" / STATE_FILE)
-        for name in (CSV_FILE, PNG_FILE):
-            if (log_dir / name).is_file():
-                shutil.copy2(log_dir / name, w.dir / name)
+        for source in (checkpoint_dir / CSV_FILE, log_dir / CSV_FILE):
+            if source.is_file():
+                shutil.copy2(source, w.dir / CSV_FILE)
+                break
+        if (w.dir / CSV_FILE).is_file():
+            plot_loss_curve(w.dir / CSV_FILE, w.dir / PNG_FILE)
         w.counts = {
             "steps": int(metrics["step"]),
             "tokens": int(metrics.get("tokens", 0)),
@@ -209,7 +256,7 @@ def _write_model_artifact(
             "name": cfg.run.name, "storage_path": cfg.run.storage_path,
             "checkpoint": checkpoint_path, "log_dir": str(log_dir),
         }  # fmt: skip
-    return Path(cfg.output_dir)
+    return _output(cfg)
 
 
 def run_pretrain_job(

@@ -51,7 +51,7 @@ def test_overrides_and_round_trip() -> None:
         (["optim.warmup_ratio=1.5"], "warmup_ratio"),
         (["optim.grad_accum=0"], "grad_accum"),
         (["data.max_length=2"], "max_length"),
-        (["run.storage_path=s3://bucket/runs"], "tracking.log_dir"),
+        (["tracking.log_dir=s3://bucket/logs"], "tracking.log_dir .* is a URI"),
         (["optim.learning_rate=1"], "unknown key"),
         (["stop_at_step=0"], "stop_at_step"),
         (["eval_every=0"], "eval_every"),
@@ -74,6 +74,22 @@ def test_cloud_storage_with_log_dir() -> None:
     )
     assert cfg.run.storage_path == "s3://bucket/runs"
     assert cfg.tracking.log_dir == "/mnt/logs"
+
+
+def test_object_storage_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """output_dir on s3 stays a URI, the runs go beside it, and the metric files default to
+    a local cache folder per storage URI and run name (no shared filesystem needed)."""
+    monkeypatch.setenv("CELLFOUNDRY_CACHE_DIR", str(tmp_path))
+    cfg = parse_config(PretrainJobConfig, minimal(), ["output_dir=s3://bucket/exp/model/"])
+    assert cfg.output_dir == "s3://bucket/exp/model"
+    assert cfg.run.storage_path == "s3://bucket/exp/runs" and cfg.run.name == "model"
+    log_dir = Path(cfg.tracking.log_dir or "")
+    assert log_dir.parent.parent == tmp_path / "runs" and log_dir.name == "logs"
+    assert log_dir.parent.name.startswith("model-")
+    other = parse_config(
+        PretrainJobConfig, minimal(), ["output_dir=s3://bucket/exp/model", "run.storage_path=s3://other/runs"]
+    )  # fmt: skip
+    assert other.tracking.log_dir != cfg.tracking.log_dir
 
 
 def test_streamed_data_and_validation_settings() -> None:
