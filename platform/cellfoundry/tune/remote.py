@@ -9,9 +9,9 @@ Any input may be a local path or an ``s3://`` / ``gs://`` URI of a complete arti
   lists (:func:`cellfoundry.artifacts.data_files`), with :func:`read_parquet`.
 
 A Ray task or Tune trial reads and writes object storage with the settings of the driver
-that started it (:class:`StorageSettings`): they travel as an argument of the task, as
-:mod:`cellfoundry.storage`'s filesystems do, never in a runtime env (which Ray records in
-its state). Nodes whose own environment is configured (instance or pod roles) need nothing.
+that started it (:class:`StorageSettings`: endpoint, region, keys, cache folder): they
+travel as an argument of the task, as :mod:`cellfoundry.storage`'s filesystems do, never in
+a runtime env (which Ray records in its state). Nothing travels when every path is local.
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ import pyarrow.parquet as pq
 
 from cellfoundry import artifacts, storage
 
-#: What :mod:`cellfoundry.storage` reads from the environment (endpoint, region, keys).
-STORAGE_ENV = (*storage._S3_ENV, *storage._GCS_ENV)
+#: What :mod:`cellfoundry.storage` reads from the environment (endpoint, region, keys), and
+#: where :func:`cellfoundry.artifacts.localize` caches (as Ray Train workers get the
+#: driver's ``CELLFOUNDRY_*`` variables).
+STORAGE_ENV = (*storage._S3_ENV, *storage._GCS_ENV, artifacts.CACHE_ENV)
 
 
 @dataclass(frozen=True)
