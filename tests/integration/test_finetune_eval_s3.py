@@ -212,6 +212,36 @@ def test_masked_evaluation_on_s3_equals_local(
     assert again.reused is True and again.metrics == there.metrics
 
 
+def test_batch_evaluation_from_s3_to_s3(store: S3Prefix, tmp_path: Path) -> None:
+    import anndata
+    import pandas as pd
+
+    from cellfoundry.config.evaluate import BatchEvalConfig
+    from cellfoundry.evaluate.batch import run_batch
+
+    rng = np.random.default_rng(1)
+    obs = pd.DataFrame({"dataset_id": ["a", "b"] * 30, "cell_type": list(TYPES) * 20},
+                       index=[f"c{i}" for i in range(60)])  # fmt: skip
+    adata = anndata.AnnData(obs=obs)
+    adata.obsm["X_cellfoundry"] = rng.normal(size=(60, 8)).astype(np.float32)
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    uri = store.uri("emb", "cells.h5ad")
+    storage.write_bytes(uri, (tmp_path / "cells.h5ad").read_bytes())
+
+    def run(embeddings: str, out: str) -> Any:
+        return run_batch(parse_config(BatchEvalConfig, {
+            "embeddings": embeddings, "gene_embeddings": "none", "output_dir": out,
+        }))  # fmt: skip
+
+    here = run(str(tmp_path / "cells.h5ad"), str(tmp_path / "batch"))
+    out = store.uri("batch")
+    there = run(uri, out)
+    assert there.metrics["cells"] == here.metrics["cells"] and there.output_dir == out
+    manifest = artifacts.read_manifest(out, "evaluation_batch")
+    assert {"metrics.json", "report.md", "cell_similarity.png"} <= set(manifest["data_files"])
+    assert run(uri, out).reused is True
+
+
 def test_probe_report_from_s3_to_s3(
     store: S3Prefix, local: dict[str, str], remote: dict[str, str]
 ) -> None:

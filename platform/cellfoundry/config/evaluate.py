@@ -132,13 +132,13 @@ class BatchEvalConfig:
 
     def __post_init__(self) -> None:
         self.embeddings = location(self.embeddings)
-        if self.gene_embeddings is None and is_remote(self.embeddings):
-            pass  # not probed here (no network while a config loads): name it to use it
-        elif self.gene_embeddings is None:
+        if self.gene_embeddings is None:
             beside = os.path.join(
                 os.path.splitext(self.embeddings)[0] + ".embeddings", "genes.parquet"
             )
-            self.gene_embeddings = beside if os.path.exists(beside) else None
+            # a URI is not probed while a config loads (no network here): name it to use it
+            local = not is_remote(beside) and os.path.exists(beside)
+            self.gene_embeddings = beside if local else None
         elif self.gene_embeddings.lower() in ("none", ""):
             self.gene_embeddings = None
         else:

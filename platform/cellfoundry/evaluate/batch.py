@@ -5,11 +5,17 @@ Reads the embedding contract of stage 4: cell embeddings from an AnnData ``.h5ad
 Parquet (one row per gene and group). Writes the ``evaluation_batch`` artifact: metrics.json,
 report.md, cell_similarity.png and gene_similarity.png. See :mod:`.batch_metrics` for the
 pair categories, the gaps between them and the separability index.
+
+Inputs and ``output_dir`` may be ``s3://`` / ``gs://`` URIs: the ``.h5ad`` is downloaded to a
+temp file (AnnData reads local files only), the gene Parquet is read in place, and the
+report is written as an artifact on object storage (manifest last).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from cellfoundry import artifacts
+from cellfoundry import artifacts, storage
 from cellfoundry.config.evaluate import BatchEvalConfig
 from cellfoundry.config.loader import config_to_dict
 from cellfoundry.evaluate import batch_report
@@ -38,9 +44,22 @@ __all__ = ["KIND", "BatchEvalResult", "load_cells", "load_genes", "run_batch", "
 class BatchEvalResult:
     """Where the report went and its figures (``metrics`` is metrics.json)."""
 
-    output_dir: Path
+    output_dir: Path | str
+    """A folder, or the artifact's URI on object storage."""
     metrics: dict[str, Any]
     reused: bool = False
+
+
+def _read_h5ad(path: str) -> Any:
+    """The AnnData of a local file, or of an object (downloaded to a temp file first)."""
+    import anndata
+
+    if not storage.is_remote(path):
+        return anndata.read_h5ad(path)
+    with tempfile.TemporaryDirectory(prefix="cf-h5ad-") as tmp:
+        local = Path(tmp) / "cells.h5ad"
+        storage.download_file(path, local)
+        return anndata.read_h5ad(local)
 
 
 def _obs_values(obs: Any, key: str, path: str, label_map: dict[str, str] | None = None) -> list:
@@ -60,14 +79,12 @@ def _obs_values(obs: Any, key: str, path: str, label_map: dict[str, str] | None 
 
 def load_cells(cfg: BatchEvalConfig) -> tuple[np.ndarray, list, list]:
     """(embeddings float32 [n, d], batches, labels) of the cells kept by ``cfg.batches``."""
-    import anndata
-
-    path = Path(cfg.embeddings)
-    if not path.is_file():
+    path = cfg.embeddings
+    if not storage.is_file(path):
         raise ValueError(
             f"embeddings: {path} does not exist; run `cellfoundry embed` (stage 4) first"
         )
-    adata = anndata.read_h5ad(path)
+    adata = _read_h5ad(path)
     if cfg.obsm_key not in adata.obsm:
         raise ValueError(
             f"{path}: no .obsm[{cfg.obsm_key!r}] (has {list(adata.obsm)}); set obsm_key"
@@ -91,13 +108,14 @@ def load_genes(
     path: str | Path, min_cells: int = 1, groups: list[str] | None = None
 ) -> tuple[np.ndarray, list[str], list[str]]:
     """(embeddings float32 [n, d], ensembl ids, groups) of the gene embedding rows with
-    ``n_cells >= min_cells`` (and a group in ``groups`` unless it is None)."""
-    path = Path(path)
-    if not path.exists():
+    ``n_cells >= min_cells`` (and a group in ``groups`` unless it is None). ``path``: a
+    file, folder of files, or URI."""
+    if not storage.exists(path):
         raise ValueError(
             f"gene_embeddings: {path} does not exist; run `cellfoundry embed` (stage 4) first"
         )
-    table = pq.read_table(path)
+    fs, where = storage.resolve(path)
+    table = pq.read_table(where, filesystem=fs)
     missing = [c for c in GENE_COLUMNS if c not in table.column_names]
     if missing:
         raise ValueError(
@@ -116,25 +134,25 @@ def load_genes(
     return emb, table["ensembl_id"].to_pylist(), [str(g) for g in table["group"].to_pylist()]
 
 
-@artifacts.holds_output(KIND, lambda cfg: cfg.output_dir)
+@artifacts.holds_output(KIND, lambda cfg: cfg.output_dir, object_storage=True)
 def run_batch(cfg: BatchEvalConfig) -> BatchEvalResult:
     """Evaluate ``cfg.embeddings`` (and ``cfg.gene_embeddings``); write the artifact."""
     paths = {"embeddings": cfg.embeddings}
     if cfg.gene_embeddings:
         paths["gene_embeddings"] = cfg.gene_embeddings
     for name, p in paths.items():
-        if not Path(p).exists():
+        if not storage.exists(p):
             raise ValueError(f"{name}: {p} does not exist; run `cellfoundry embed` (stage 4) first")
     inputs, signatures = input_signatures(paths)
-    artifact_dir = Path(cfg.embeddings).with_suffix(".embeddings")  # stage 4's artifact folder
-    if (artifact_dir / artifacts.MANIFEST).is_file():
-        inputs["embeddings_artifact"] = str(artifact_dir)
+    artifact_dir = os.path.splitext(cfg.embeddings)[0] + ".embeddings"  # stage 4's artifact
+    if storage.is_file(storage.join(artifact_dir, artifacts.MANIFEST)):
+        inputs["embeddings_artifact"] = storage.normalize(artifact_dir)
     fp_config = {"config": config_to_dict(cfg), "input_files": signatures}
     fp = artifacts.fingerprint(KIND, fp_config, inputs)
     if artifacts.reusable(cfg.output_dir, KIND, fp) is not None:
         logger.info("reusing the complete evaluation at %s", cfg.output_dir)
-        metrics = batch_report.read_metrics(Path(cfg.output_dir))
-        return BatchEvalResult(Path(cfg.output_dir), metrics, reused=True)
+        metrics = batch_report.read_metrics(cfg.output_dir)
+        return BatchEvalResult(_output(cfg.output_dir), metrics, reused=True)
 
     emb, batches, labels = load_cells(cfg)
     logger.info("cell embeddings: %d cells x %d dims", *emb.shape)
@@ -151,7 +169,11 @@ def run_batch(cfg: BatchEvalConfig) -> BatchEvalResult:
     with artifacts.write_artifact(cfg.output_dir, KIND, fp_config, inputs) as w:
         batch_report.write_report(w.dir, metrics, cell_sims, gene_sims, cfg=cfg)
         w.counts = {"cells": cells["n_cells"], "gene_rows": genes["n_rows"] if genes else 0}
-    return BatchEvalResult(Path(cfg.output_dir), metrics)
+    return BatchEvalResult(_output(cfg.output_dir), metrics)
+
+
+def _output(path: str) -> Path | str:
+    return path if storage.is_remote(path) else Path(path)
 
 
 def run_batch_job(

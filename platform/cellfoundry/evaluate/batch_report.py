@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from cellfoundry import artifacts, storage
 from cellfoundry.config.evaluate import BatchEvalConfig
 from cellfoundry.evaluate.plots import plot_similarities
 from cellfoundry.evaluate.report import markdown_table, write_json
@@ -94,6 +95,6 @@ def write_report(
         plot_similarities(gene_sims, out / "gene_similarity.png", title="gene embeddings")
 
 
-def read_metrics(out: Path) -> dict[str, Any]:
-    """metrics.json of a written evaluation."""
-    return json.loads((out / METRICS_FILE).read_text())
+def read_metrics(out: str | Path) -> dict[str, Any]:
+    """metrics.json of a written evaluation (a folder, or an artifact on object storage)."""
+    return json.loads(storage.read_text(storage.join(artifacts.data_uri(out), METRICS_FILE)))

@@ -86,7 +86,8 @@ def resolve_vocabulary(cfg: MaskedEvalConfig) -> dict[str, int]:
     )
     if saved is None and data_vocab is None:
         raise ValueError(
-            f"{cfg.model} has no token_dictionary.json and {beside} does not exist; save the "
+            f"{cfg.model} has no token_dictionary.json and "
+            f"{storage.join(folder, 'token_dictionary.json')} does not exist; save the "
             "model with its token dictionary (cellfoundry.model.save_checkpoint)"
         )
     if saved is not None and data_vocab is not None and saved != data_vocab:
