@@ -61,8 +61,9 @@ from pretrain import gpu_device_string, load_platform
 SCREEN_PASSES = 30_000 * 4_097  # the paper's genome-wide deletion screen: 122,910,000
 SPECIALS = {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3}
 HEAVY_MODULES = ("ray", "deepspeed", "polars")
-DRY = {"preset": "tiny", "length": 256, "cells": 2, "perturbations": 24, "batch_size": 8,
-       "baseline_batch": 4, "baseline_perturbations": 8, "warmup": 4}  # fmt: skip
+# the dry run checks code paths, not speed: small enough for `make test` on 2 cores
+DRY = {"preset": "tiny", "length": 128, "cells": 2, "perturbations": 8, "batch_size": 8,
+       "baseline_batch": 4, "baseline_perturbations": 4, "warmup": 4}  # fmt: skip
 
 
 def make_cells(n: int, length: int, vocab: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -105,15 +106,27 @@ def build(plat: Any, args: argparse.Namespace, attn: str) -> torch.nn.Module:
 
 
 def run_optimized(
-    plat: Any, cells: list[np.ndarray], args: argparse.Namespace, device: torch.device
+    plat: Any,
+    cells: list[np.ndarray],
+    args: argparse.Namespace,
+    device: torch.device,
+    *,
+    fp8: bool = False,
 ) -> dict[str, Any]:
-    """perturb_cells over every cell's deletions; halves the batch on out-of-memory."""
+    """perturb_cells over every cell's deletions; halves the batch on out-of-memory. With
+    ``fp8`` the encoder's linear layers run in float8 (``cellfoundry.model.fp8.to_fp8``; on
+    CPU emulated, for the dry run); raises ``FP8Unsupported`` on a GPU without FP8."""
     from cellfoundry.infer import Embedder, Perturbation, perturb_cells
 
     dtype = "bf16" if device.type == "cuda" else "fp32"
     model = build(plat, args, "sdpa").to(
         device, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32
     )
+    if fp8:
+        from cellfoundry.model.fp8 import to_fp8
+
+        to_fp8(model, allow_cpu=device.type == "cpu")
+        dtype = f"fp8 e4m3 linears, {dtype} elsewhere"
     batch = args.batch_size
     while True:
         try:
@@ -202,13 +215,7 @@ def metrics_of(
 ) -> dict[str, Any]:
     p = args.preset
     rate, base_rate = opt["sequences"] / opt["seconds"], base["sequences"] / base["seconds"]
-    days_key = (
-        "screen_h100_days"
-        if "H100" in gpu
-        else "screen_gpu_days"
-        if gpu.startswith("gpu")
-        else "screen_days_this_device"
-    )
+    days_key = screen_days_key(gpu)
     per_cell = args.perturbations
     idx = [
         c * per_cell + j
@@ -241,6 +248,55 @@ def metrics_of(
         if r["peak_mem_gb"] is not None:
             m[f"{key}.peak_mem_gb"] = round(r["peak_mem_gb"], 2)
     return m
+
+
+def fp8_metrics(
+    fp8: dict[str, Any], ref: dict[str, Any], args: argparse.Namespace, days_key: str
+) -> dict[str, Any]:
+    """FP8's speed and its accuracy cost against ``ref`` (the bf16 run; fp32 on a CPU dry
+    run) on the same cells and deletions: |d cos| of the cell cosines and the relative
+    error of the shift 1 - cos (over deletions whose reference shift is > 0)."""
+    p = args.preset
+    rate = fp8["sequences"] / fp8["seconds"]
+    cos8, cos_ref = fp8["cell_cos"].astype(np.float64), ref["cell_cos"].astype(np.float64)
+    if cos8.shape != cos_ref.shape:
+        raise RuntimeError(f"fp8 gave {cos8.shape} cosines, the reference {cos_ref.shape}")
+    dcos = np.abs(cos8 - cos_ref)
+    shift8, shift_ref = 1.0 - cos8, 1.0 - cos_ref
+    moved = shift_ref > 0  # a zero reference shift has no relative error to speak of
+    rel = np.abs(shift8[moved] - shift_ref[moved]) / shift_ref[moved]
+    m: dict[str, Any] = {
+        f"{p}.fp8.cells_per_s": round(rate, 2),
+        f"{p}.fp8.speedup_vs_reference": round(rate / (ref["sequences"] / ref["seconds"]), 3),
+        f"fp8.{days_key}": round(SCREEN_PASSES / rate / 86_400, 2),
+        f"{p}.fp8.sequences_timed": fp8["sequences"],
+        f"{p}.fp8.seconds": round(fp8["seconds"], 3),
+        f"{p}.fp8.batch_size": fp8["batch_size"],
+        f"{p}.fp8.dtype": fp8["dtype"],
+        "fp8.reference": f"{ref['dtype']} run, same weights, cells and deletions",
+        "fp8.compared": int(dcos.size),
+        "fp8.cell_cos_max_abs_diff": float(dcos.max()),
+        "fp8.cell_cos_median_abs_diff": float(np.median(dcos)),
+        "fp8.shift_median": float(np.median(shift_ref)),
+        "fp8.shift_compared": int(moved.sum()),
+    }
+    if moved.any():
+        m["fp8.shift_rel_err_median"] = float(np.median(rel))
+        m["fp8.shift_rel_err_max"] = float(rel.max())
+        m["fp8.shift_rel_err_total"] = float(
+            np.abs(shift8 - shift_ref)[moved].sum() / shift_ref[moved].sum()
+        )
+    if fp8["peak_mem_gb"] is not None:
+        m[f"{p}.fp8.peak_mem_gb"] = round(fp8["peak_mem_gb"], 2)
+    return m
+
+
+def screen_days_key(gpu: str) -> str:
+    """``screen_h100_days`` on an H100, ``screen_gpu_days`` on another GPU (its name is in
+    the results' ``device``), ``screen_days_this_device`` on a CPU."""
+    if "H100" in gpu:
+        return "screen_h100_days"
+    return "screen_gpu_days" if gpu.startswith("gpu") else "screen_days_this_device"
 
 
 def update_results_md(doc: dict[str, Any], preset: str) -> None:
@@ -278,6 +334,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--baseline-perturbations", type=int, default=32, help="baseline deletions per cell"
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder layers")
+    p.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the screen with FP8 linear layers and compare its cell "
+                        "cosines with the bf16 run's (default on)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-record", action="store_true", help="write bench/out/perturb.json only")
     p.add_argument("--cpu-dry-run", action="store_true", help="no GPU: tiny sizes -> bench/out")
@@ -309,6 +368,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     opt = run_optimized(plat, cells, args, device)
     print(f"  optimized: {opt['sequences']} sequences in {opt['seconds']:.2f} s", flush=True)
     metrics = metrics_of(opt, base, args, dev)
+    if args.fp8:
+        from cellfoundry.model.fp8 import FP8Unsupported
+
+        try:
+            fp8 = run_optimized(plat, cells, args, device, fp8=True)
+        except FP8Unsupported as e:  # a GPU without FP8: say so, keep the bf16 figures
+            print(f"  fp8: not run ({e})", flush=True)
+            metrics["fp8.not_run"] = str(e)
+        else:
+            print(f"  fp8: {fp8['sequences']} sequences in {fp8['seconds']:.2f} s", flush=True)
+            metrics.update(fp8_metrics(fp8, opt, args, screen_days_key(dev)))
     rows = [[k, v] for k, v in metrics.items() if not isinstance(v, str)]
     print(format_table(rows, ["metric", "value"]))
     if not cuda:

@@ -21,6 +21,14 @@
    ``torch.compile`` of the encoder (``--compile``, dynamic shapes; if compiling fails the
    preset is measured eager, and ``<preset>.compiled`` says which ran). Running out of
    memory halves the token budget and starts the preset again.
+   Packed (``--packed``, on by default): the same presets on the padding-free path: the
+   cells of each step packed into ``--tokens-per-batch // --max-length`` rows of
+   ``--max-length`` tokens by ``cellfoundry.model.packing.pack(attention="flex")`` (first-fit
+   decreasing; a FlexAttention document mask, so no cell sees another), the model switched
+   with ``use_flex_attention``, position ids restarting per cell, the MLM head on masked
+   positions only, attention dropout off (transformers' FlexAttention path refuses it). Packing runs inside the timed step (a training loop packs each batch it
+   gets). Each step fills its rows, so the packed shape is fixed and nothing recompiles;
+   keys ``<preset>.packed.*`` (``mfu`` on real tokens, as for the others).
 3. Baseline (``--baseline-preset``, default gf-316m), as in the Geneformer paper: fp32 with
    TF32 off, eager attention, Hugging Face ``BertForMaskedLM`` loss (head on every
    position), ``torch.optim.AdamW``, random batches of ``--baseline-batch`` cells padded to
@@ -46,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import gc
 import importlib
 import importlib.util
@@ -84,8 +93,9 @@ IGNORE_INDEX = -100  # label of unmasked positions (checked against cellfoundry'
 LR = 1e-4
 #: Modules a GPU image lacks; the benchmark must not import them (checked by the dry run).
 HEAVY_MODULES = ("ray", "deepspeed", "polars")
-DRY = {"max_length": 512, "tokens_per_batch": 4096, "steps": 4, "warmup": 2,
-       "baseline_batch": 2, "baseline_steps": 3, "baseline_warmup": 1}  # fmt: skip
+# the dry run checks code paths, not speed: small enough for `make test` on 2 cores
+DRY = {"max_length": 256, "tokens_per_batch": 1024, "steps": 2, "warmup": 1,
+       "baseline_batch": 2, "baseline_steps": 2, "baseline_warmup": 1}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,6 +114,12 @@ class Platform:
     MaskedLMObjective: type
     training_flops: Callable[..., float]
     gpu_peak_table: tuple[tuple[str, float], ...]
+    pack: Callable[..., Any]
+    """``cellfoundry.model.packing.pack`` (padding-free rows, FlexAttention document mask)."""
+    first_fit_decreasing: Callable[..., list[list[int]]]
+    use_flex_attention: Callable[..., Any]
+    flex_block: int
+    """FlexAttention's tile: packed rows are padded to a multiple of it."""
 
 
 def load_platform() -> Platform:
@@ -126,6 +142,7 @@ def load_platform() -> Platform:
     presets = importlib.import_module("cellfoundry.model.presets")
     build = importlib.import_module("cellfoundry.model.build")
     objective = importlib.import_module("cellfoundry.train.objective")
+    packing = importlib.import_module("cellfoundry.model.packing")
     return Platform(
         build_model=build.build_model,
         bert_config=presets.bert_config,
@@ -134,6 +151,10 @@ def load_platform() -> Platform:
         MaskedLMObjective=objective.MaskedLMObjective,
         training_flops=objective.training_flops,
         gpu_peak_table=_peak_table(root / "train" / "metrics.py"),
+        pack=packing.pack,
+        first_fit_decreasing=packing.first_fit_decreasing,
+        use_flex_attention=packing.use_flex_attention,
+        flex_block=packing.FLEX_BLOCK,
     )
 
 
@@ -246,13 +267,19 @@ class Batch:
     n_real: int
     sum_sq: int
     n_masked: int
+    packed_shape: tuple[int, int] | None = None
+    """(rows, width) the cells take once packed (packed runs only; the model sees that)."""
 
     @property
     def rows(self) -> int:
+        """Cells in the step."""
         return self.tensors["input_ids"].shape[0]
 
     @property
     def padded(self) -> int:
+        """Tokens the model computes on, padding included."""
+        if self.packed_shape is not None:
+            return self.packed_shape[0] * self.packed_shape[1]
         return self.tensors["input_ids"].numel()
 
 
@@ -271,6 +298,33 @@ def budget_groups(lengths: np.ndarray, tokens_per_batch: int, multiple: int) -> 
         groups.append(order[start : start + rows])
         start += rows
     return groups
+
+
+def packed_groups(
+    lengths: np.ndarray, rows: int, row_length: int, ffd: Callable[..., list[list[int]]]
+) -> list[np.ndarray]:
+    """Consecutive cells (in the order given) per step: the most that first-fit decreasing
+    (``ffd``, as ``pack`` uses it) puts into ``rows`` rows of ``row_length`` tokens. Every
+    group but the last fills exactly ``rows`` rows, so the packed shape stays the same from
+    step to step (nothing recompiles); the last one is dropped when it is not the only one."""
+    groups, start, n = [], 0, len(lengths)
+    while start < n:
+        end = start + 1
+        while end < n and len(ffd(lengths[start : end + 1].tolist(), row_length)) <= rows:
+            end += 1
+        groups.append(np.arange(start, end))
+        start = end
+    if len(groups) > 1 and len(ffd(lengths[groups[-1]].tolist(), row_length)) < rows:
+        groups.pop()
+    return groups
+
+
+def packed_shape(
+    lengths: np.ndarray, row_length: int, ffd: Callable[..., list[list[int]]], block: int
+) -> tuple[int, int]:
+    """(rows, width) of ``pack(..., attention="flex")`` for cells of these lengths."""
+    bins = ffd(lengths.tolist(), row_length)
+    return len(bins), _round_up(max(int(lengths[b].sum()) for b in bins), block)
 
 
 def make_batch(
@@ -314,6 +368,13 @@ class Measured:
     final_loss: float
     compiled: bool = False
     new_graphs_timed: int = 0
+    packed: bool = False
+    """Padding-free packed rows (FlexAttention document mask) instead of padded batches."""
+
+    @property
+    def key(self) -> str:
+        """Metric prefix: ``<preset>`` (length-grouped) or ``<preset>.packed``."""
+        return f"{self.preset}.packed" if self.packed else self.preset
 
     @property
     def tokens_per_s(self) -> float:
@@ -409,13 +470,20 @@ def _autocast(device: torch.device) -> Any:
 
 
 def run_optimized(
-    plat: Platform, preset: str, dist: np.ndarray, args: argparse.Namespace, device: torch.device
+    plat: Platform,
+    preset: str,
+    dist: np.ndarray,
+    args: argparse.Namespace,
+    device: torch.device,
+    *,
+    packed: bool = False,
 ) -> Measured:
-    """bf16 autocast + SDPA + length-grouped batches (+ compile); halves the token budget on OOM."""
+    """bf16 autocast + SDPA + length-grouped batches (+ compile), or with ``packed`` the
+    padding-free path (FlexAttention over packed rows); halves the token budget on OOM."""
     budget, compiled = args.tokens_per_batch, args.compile
     while True:
         try:
-            return _run_optimized(plat, preset, dist, args, device, budget, compiled)
+            return _run_optimized(plat, preset, dist, args, device, budget, compiled, packed)
         except torch.cuda.OutOfMemoryError:
             if budget <= args.max_length:
                 raise
@@ -436,25 +504,28 @@ def run_optimized(
         _release(device)
 
 
-def _run_optimized(
+def _step_batches(
     plat: Platform,
-    preset: str,
     dist: np.ndarray,
     args: argparse.Namespace,
-    device: torch.device,
     budget: int,
-    compiled: bool,
-) -> Measured:
-    rng = np.random.default_rng([args.seed, 1])
-    cfg = plat.bert_config(preset, max_position_embeddings=args.max_position)
-    collator = plat.MaskingCollator(
-        vocab_size=cfg.vocab_size,
-        max_length=args.max_length,
-        pad_to_multiple_of=PAD_MULTIPLE,
-        generator=torch.Generator().manual_seed(args.seed),
-    )
-    pin = device.type == "cuda"
+    packed: bool,
+    rng: np.random.Generator,
+) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray, np.ndarray]:
+    """Cell lengths of the warm-up and timed steps: ``(warm_groups, timed_groups, warm_lens,
+    timed_lens)``, each group indexing its lengths array. Length-grouped: batches of at most
+    ``budget`` padded tokens. Packed: ``budget // max_length`` full rows per step."""
     mean = float(dist.mean())
+    if packed:
+        rows, width = max(1, budget // args.max_length), args.max_length
+        per_step = 1.1 * rows * width / mean  # cells per step, with room for imperfect packing
+        warm_lens = stratified(dist, max(1, round(args.warmup * per_step)), rng)
+        warm_lens[0] = dist.max()  # the longest cell early: memory fails in the warm-up
+        timed_lens = stratified(dist, max(1, round(args.steps * per_step)), rng)
+        ffd = plat.first_fit_decreasing
+        warm_groups = packed_groups(warm_lens, rows, width, ffd)[: args.warmup]
+        timed_groups = packed_groups(timed_lens, rows, width, ffd)[: args.steps]
+        return warm_groups, timed_groups, warm_lens, timed_lens
     # warm-up: the longest cells first (largest shapes, so memory fails early), then a mix
     warm_lens = stratified(dist, max(1, round(args.warmup * budget / mean)), rng)
     warm_lens[0] = dist.max()
@@ -464,16 +535,56 @@ def _run_optimized(
     timed_lens = stratified(dist, max(1, round(args.steps * budget / mean)), rng)
     timed_groups = budget_groups(timed_lens, budget, PAD_MULTIPLE)
     timed_groups = [timed_groups[i] for i in rng.permutation(len(timed_groups))]
+    return warm_groups, timed_groups, warm_lens, timed_lens
+
+
+def _run_optimized(
+    plat: Platform,
+    preset: str,
+    dist: np.ndarray,
+    args: argparse.Namespace,
+    device: torch.device,
+    budget: int,
+    compiled: bool,
+    packed: bool,
+) -> Measured:
+    rng = np.random.default_rng([args.seed, 3 if packed else 1])
+    cfg = plat.bert_config(preset, max_position_embeddings=args.max_position)
+    if packed:
+        # transformers' FlexAttention path refuses attention dropout in training (it has
+        # none): the packed runs train without it (the other dropouts stay)
+        cfg.attention_probs_dropout_prob = 0.0
+    collator = plat.MaskingCollator(
+        vocab_size=cfg.vocab_size,
+        max_length=args.max_length,
+        pad_to_multiple_of=PAD_MULTIPLE,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    pin = device.type == "cuda"
+    warm_groups, timed_groups, warm_lens, timed_lens = _step_batches(
+        plat, dist, args, budget, packed, rng
+    )
     warm = [make_batch(warm_lens[g], collator, rng, cfg.vocab_size, pin) for g in warm_groups]
     timed = [make_batch(timed_lens[g], collator, rng, cfg.vocab_size, pin) for g in timed_groups]
+    if packed:
+        for b, lens in [*zip(warm, (warm_lens[g] for g in warm_groups), strict=True),
+                        *zip(timed, (timed_lens[g] for g in timed_groups), strict=True)]:  # fmt: skip
+            b.packed_shape = packed_shape(lens, args.max_length, plat.first_fit_decreasing,
+                                          plat.flex_block)  # fmt: skip
 
     def make_step() -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
         torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in fp32
         model = plat.build_model(cfg, seed=args.seed).to(device)  # fp32 master weights, SDPA
         model.train()
         objective = plat.MaskedLMObjective(model)  # MLM head on masked positions only
+        # packed: FlexAttention for the model's whole life (it is dropped after this
+        # configuration), switched before any compile so the compiled graph holds it; the
+        # steps keep the stack referenced (a collected context manager would switch back)
+        flex = contextlib.ExitStack()
+        if packed:
+            flex.enter_context(plat.use_flex_attention(model))
         if compiled:
-            model.bert = torch.compile(model.bert, dynamic=True)
+            model.bert = torch.compile(model.bert, dynamic=not packed)  # packed: fixed shapes
         opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, fused=True)
 
         def step(b: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -484,17 +595,53 @@ def _run_optimized(
             opt.zero_grad(set_to_none=True)
             return out.loss
 
-        return step
+        def packed_step(b: dict[str, torch.Tensor]) -> torch.Tensor:
+            # packing is part of the step (a training loop packs each batch it gets): drop the
+            # padding, first-fit the cells into rows, build the document mask on the device
+            _ = flex  # referenced here, so the FlexAttention switch lives as long as the step
+            p, _ = plat.pack(b, row_length=args.max_length, attention="flex")
+            labels = p["labels"]  # (R, W), -100 outside the masked positions
+            with _autocast(device), torch.set_grad_enabled(backward):
+                hidden = model.bert(
+                    input_ids=p["input_ids"],
+                    position_ids=p["position_ids"],
+                    attention_mask=p["attention_mask"],
+                )[0]  # (R, W, H); fmt: skip
+                chosen = labels != IGNORE_INDEX
+                logits = model.cls(hidden[chosen])  # (M, V): the MLM head on masked tokens only
+                loss = torch.nn.functional.cross_entropy(logits.float(), labels[chosen])
+            if not backward:
+                return loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
 
-    print(f"  {preset} optimized: {len(timed)} timed steps, <= {budget:,} padded tokens each",
-          flush=True)  # fmt: skip
+        return packed_step if packed else step
+
+    # FlexAttention has no backward on CPU (torch raises): a CPU dry run checks the packed
+    # path's forward and loss only
+    backward = not (packed and device.type == "cpu")
+
+    what = (f"{len(timed)} timed steps of {max(1, budget // args.max_length)} packed rows x "
+            f"{args.max_length}" if packed else
+            f"{len(timed)} timed steps, <= {budget:,} padded tokens each")  # fmt: skip
+    print(f"  {preset} {'packed' if packed else 'optimized'}: {what}", flush=True)
     seconds, loss, peak, graphs = measure(make_step, warm, timed, device)
-    precision = "bf16 autocast, SDPA, length-grouped" + (", compiled" if compiled else "")
+    precision = (
+        (
+            "bf16 autocast, FlexAttention, packed rows (padding-free), no attention dropout"
+            if packed
+            else "bf16 autocast, SDPA, length-grouped"
+        )
+        + (", compiled" if compiled else "")
+        + ("" if backward else ", forward only (CPU)")
+    )
+    label = f"{preset} {'packed' if packed else 'optimized'}"
     r = _measured(
-        plat, cfg, f"{preset} optimized", preset, precision, timed, seconds, peak, budget,
-        None, loss,
+        plat, cfg, label, preset, precision, timed, seconds, peak, budget, None, loss,
     )  # fmt: skip
-    r.compiled, r.new_graphs_timed = compiled, graphs
+    r.compiled, r.new_graphs_timed, r.packed = compiled, graphs, packed
     return r
 
 
@@ -593,7 +740,7 @@ def metrics_of(
 ) -> dict[str, Any]:
     m: dict[str, Any] = dict(info)
     for r in [*results, base]:
-        key = "baseline" if r is base else r.preset
+        key = "baseline" if r is base else r.key
         m[f"{key}.tokens_per_s"] = round(r.tokens_per_s, 1)
         m[f"{key}.tflops_per_s"] = round(r.flops_per_s / 1e12, 3)
         if peak:
@@ -620,7 +767,7 @@ def metrics_of(
         m["baseline.mfu_note"] = "fp32 run, MFU against the same dense bf16 peak as the others"
     for r in results:
         if r.preset == base.preset:
-            m[f"{r.preset}.speedup_vs_baseline"] = round(r.tokens_per_s / base.tokens_per_s, 2)
+            m[f"{r.key}.speedup_vs_baseline"] = round(r.tokens_per_s / base.tokens_per_s, 2)
     return m
 
 
@@ -652,6 +799,7 @@ def update_results_md(doc: dict[str, Any]) -> Path:
     gpu = doc["device"].split(";")[0].removeprefix("gpu: ")
     row = (
         f"| {doc['date']} | {gpu} | {pct('gf-104m.mfu')} | {pct('gf-316m.mfu')} | "
+        f"{pct('gf-104m.packed.mfu')} | {pct('gf-316m.packed.mfu')} | "
         f"{num('gf-316m.tokens_per_s')} | {num('baseline.tokens_per_s')} | "
         f"{m.get('gf-316m.speedup_vs_baseline', '-')}x | {num('gf-316m.tokens_per_batch')} | "
         f"{'yes' if m.get('gf-316m.compiled') else 'no'} | `{doc['command']}` |"
@@ -662,12 +810,13 @@ def update_results_md(doc: dict[str, Any]) -> Path:
         "bf16 autocast + SDPA + length-grouped batches vs the paper-style baseline (gf-316m, "
         "fp32, eager attention, random batches padded to 4,096), measured in the same run; "
         "inputs up to 4,096 tokens with the PBMC length distribution, tokens/s and MFU on real "
-        "tokens only; MFU against the GPU's dense bf16 peak, the fp32 baseline's too. All "
-        "figures: `results/pretrain.json`.",
+        "tokens only; MFU against the GPU's dense bf16 peak, the fp32 baseline's too. "
+        "Packed: the padding-free path (cells packed into rows of 4,096, FlexAttention "
+        "document mask, `model/packing.py`). All figures: `results/pretrain.json`.",
         "",
-        "| date | GPU | gf-104m MFU | gf-316m MFU | gf-316m tokens/s | baseline tokens/s | "
-        "speedup | tokens/batch | compiled | command |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| date | GPU | gf-104m MFU | gf-316m MFU | gf-104m packed MFU | gf-316m packed MFU | "
+        "gf-316m tokens/s | baseline tokens/s | speedup | tokens/batch | compiled | command |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     return update_results_section("pretrain", header, row=row, device=gpu)
 
@@ -691,6 +840,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--baseline-steps", type=int, default=30)
     p.add_argument("--baseline-warmup", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder")
+    p.add_argument("--packed", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure the padding-free path: cells packed into rows of "
+                        "--max-length with a FlexAttention document mask (default on)")  # fmt: skip
     p.add_argument("--tokens", help="tokenized artifact folder (part-*.parquet with `length`)")
     p.add_argument("--lengths", help=f"lengths JSON (default {LENGTHS_CACHE.name} in bench/out)")
     p.add_argument("--peak-tflops", type=float, help="dense bf16 peak, if the GPU is not known")
@@ -754,9 +906,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{args.max_length}) does not fit on this GPU: {e}"
         ) from None
     results = [run_optimized(plat, p, dist, args, device) for p in args.preset_list]
+    if args.packed:  # the padding-free path, same presets, same length distribution
+        results += [run_optimized(plat, p, dist, args, device, packed=True)
+                    for p in args.preset_list]  # fmt: skip
     info: dict[str, Any] = {
         "max_length": args.max_length,
         "compile_requested": int(args.compile),
+        "packed_requested": int(args.packed),
         "torch": torch.__version__,
         "lengths.source": source,
         "lengths.mean": round(float(dist.mean()), 1),
