@@ -21,12 +21,15 @@ Nothing here grows with the corpus in one process, the driver included:
 4. The duplicates (order, duplicate_of) are sorted by order and written to Parquet; the QC
    step reads, per cells part, only the files that overlap the part's orders
    (:class:`DuplicateIndex`, :class:`AssignQCParts`).
+
+The cells parts and the output folder may be on object storage: every read and write goes
+through the pyarrow filesystem of the driver (carried by :class:`DuplicateIndex`), never
+through a path that only exists on the driver.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,10 +37,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from cellfoundry import storage
 from cellfoundry.corpus import qc
-from cellfoundry.corpus.filemap import resolve
+from cellfoundry.corpus.filemap import on_filesystem, resolve
 from cellfoundry.corpus.tokenized import csr_from_lists
 
 logger = logging.getLogger(__name__)
@@ -160,7 +165,8 @@ def verify_group(group: pa.Table, panels: Any, min_identity: float) -> pa.Table:
 @dataclass
 class DuplicateIndex:
     """Where the duplicates are: Parquet files of (order, duplicate_of), each sorted by order,
-    with each file's order range; plus what the search did."""
+    with each file's order range; plus what the search did. ``files`` are paths within
+    ``filesystem`` (None: local paths)."""
 
     files: list[str] = field(default_factory=list)
     lo: list[int] = field(default_factory=list)  # smallest order in each file
@@ -169,11 +175,13 @@ class DuplicateIndex:
     candidate_groups: int = 0  # keys shared by more than one cell
     partitions: int = 0  # verification partitions (one task each)
     verifiers: int = 0  # distinct tasks that found duplicates
+    filesystem: pafs.FileSystem | None = None  # where ``files`` are (pickled with the index)
 
     def orders_between(self, lo: int, hi: int) -> np.ndarray:
         """Sorted int64 orders of the duplicates with lo <= order <= hi."""
         parts = [
-            pq.read_table(f, columns=["order"], filters=[("order", ">=", lo), ("order", "<=", hi)])
+            pq.read_table(f, columns=["order"], filters=[("order", ">=", lo), ("order", "<=", hi)],
+                          filesystem=self.filesystem)
             for f, a, b in zip(self.files, self.lo, self.hi, strict=True)
             if a <= hi and b >= lo
         ]  # fmt: skip
@@ -182,7 +190,10 @@ class DuplicateIndex:
 
     def read(self) -> pa.Table:
         """All duplicates (order, duplicate_of), sorted by order (small corpora, tests)."""
-        tables = [pq.read_table(f, columns=["order", "duplicate_of"]) for f in self.files]
+        tables = [
+            pq.read_table(f, columns=["order", "duplicate_of"], filesystem=self.filesystem)
+            for f in self.files
+        ]
         schema = pa.schema([("order", pa.int64()), ("duplicate_of", pa.int64())])
         return pa.concat_tables([schema.empty_table(), *tables]).sort_by("order")
 
@@ -191,12 +202,12 @@ class AssignQCParts(qc.AssignQCFiles):
     """:class:`~cellfoundry.corpus.qc.AssignQCFiles` with the duplicates of each part read
     from a :class:`DuplicateIndex` (never all of them in one process)."""
 
-    def __init__(self, thresholds: Any, duplicates: Any) -> None:
-        super().__init__(thresholds, np.zeros(0, np.int64))
+    def __init__(self, thresholds: Any, duplicates: Any, filesystem: Any = None) -> None:
+        super().__init__(thresholds, np.zeros(0, np.int64), filesystem)
         self.index: DuplicateIndex = resolve(duplicates)
 
     def process(self, item: dict[str, Any]) -> dict[str, Any]:
-        orders = pq.read_table(item["src"], columns=["order"])["order"]
+        orders = pq.read_table(item["src"], columns=["order"], filesystem=self.filesystem)["order"]
         if len(orders) and self.index.files:
             lo, hi = pc.min_max(orders).values()
             self.duplicate_orders = self.index.orders_between(lo.as_py(), hi.as_py())
@@ -216,7 +227,8 @@ def find_duplicates(
     filter_bytes: int = 32 * 2**20,
 ) -> DuplicateIndex:
     """Find every duplicate cell in the cells parts ``files``; write them to ``out_dir``
-    (replaced) and return their index.
+    (replaced) and return their index. ``files`` and ``out_dir`` are local paths or URIs of
+    one object store (read and written through the driver's filesystem).
 
     ``num_partitions``: of the key count; ``partition_bytes``: candidate cells (gene ids and
     counts) verified by one task; ``filter_bytes``: the most the candidate filter takes.
@@ -224,12 +236,12 @@ def find_duplicates(
     import ray
     from ray.data.aggregate import Count, Sum
 
-    out = Path(out_dir)
-    shutil.rmtree(out, ignore_errors=True)
+    storage.delete_prefix(out_dir)
     if not files:
         return DuplicateIndex()
+    fs, paths = on_filesystem(files)
     shared = (
-        ray.data.read_parquet(files, columns=["dedup_key", "n_genes"])
+        ray.data.read_parquet(paths, columns=["dedup_key", "n_genes"], filesystem=fs)
         .map_batches(lambda b: b.filter(pc.greater(b["n_genes"], 0)), batch_format="pyarrow")
         .groupby("dedup_key", num_partitions=num_partitions)
         .aggregate(Count(alias_name="n"), Sum("n_genes", alias_name="genes"))
@@ -250,7 +262,9 @@ def find_duplicates(
     )  # fmt: skip
     found = (
         ray.data.read_parquet(
-            files, columns=["dedup_key", "order", "dataset_id", "gene_ids", "counts"]
+            paths,
+            columns=["dedup_key", "order", "dataset_id", "gene_ids", "counts"],
+            filesystem=fs,
         )
         .map_batches(_candidates, batch_format="pyarrow", fn_kwargs={"bits": bits})
         .groupby("dedup_key", num_partitions=partitions)
@@ -264,25 +278,34 @@ def find_duplicates(
     index = DuplicateIndex(candidate_groups=n_keys, partitions=partitions, n=found.count())
     if index.n:
         index.verifiers = ray.get(ray.remote(_distinct).remote(found.to_arrow_refs(), "task"))
-        found.drop_columns(["task"]).sort("order").write_parquet(str(out))
-        _index_files(index, out)
+        out_fs, out = storage.resolve(out_dir)
+        remote = storage.is_remote(out_dir)
+        # No empty "folder" object on object storage: it would outlive the prefix's files.
+        found.drop_columns(["task"]).sort("order").write_parquet(
+            out, filesystem=out_fs, try_create_dir=not remote
+        )
+        _index_files(index, out_dir)
     logger.info(
         "dedup: %d duplicates, verified by %d tasks", index.n, index.verifiers
     )  # fmt: skip
     return index
 
 
-def _index_files(index: DuplicateIndex, out: Path) -> None:
+def _index_files(index: DuplicateIndex, out_dir: str | Path) -> None:
     """Each written file's order range, from its Parquet statistics."""
-    for f in sorted(out.glob("*.parquet")):
-        meta = pq.ParquetFile(f).metadata
+    fs, out = storage.resolve(out_dir)
+    index.filesystem = fs
+    names = [n for n in storage.list_files(out_dir, recursive=False) if n.endswith(".parquet")]
+    for name in names:
+        f = f"{out.rstrip('/')}/{name}"
+        meta = pq.ParquetFile(f, filesystem=fs).metadata
         col = meta.schema.names.index("order")
         stats = [meta.row_group(i).column(col).statistics for i in range(meta.num_row_groups)]
         stats = [s for s in stats if s is not None and s.has_min_max]
         if meta.num_rows == 0:
             continue
         if len(stats) < meta.num_row_groups:  # no statistics: read the column
-            orders = pq.read_table(f, columns=["order"])["order"].to_numpy()
+            orders = pq.read_table(f, columns=["order"], filesystem=fs)["order"].to_numpy()
             lo, hi = int(orders.min()), int(orders.max())
         else:
             lo, hi = min(int(s.min) for s in stats), max(int(s.max) for s in stats)

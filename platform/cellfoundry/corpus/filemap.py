@@ -3,19 +3,30 @@
 Each item (a file chunk or a Parquet part) names its own output file, derived from its
 position in the corpus (``part-<dataset>-<first row>.parquet``), so file names and row
 order do not depend on how Ray schedules tasks, and a rerun can skip finished files.
+
+Files may live on object storage (``s3://``, ``gs://``) as well as on a local or mounted
+disk. A UDF then gets the driver's pyarrow filesystem as a constructor argument and paths
+within it in its items (:func:`on_filesystem`), and reads and writes only through it
+(:func:`read_bytes_in`, :func:`write_bytes_in`, :func:`is_file_in`,
+:func:`cellfoundry.storage.write_parquet`): a task on another node never touches a path
+that only exists on the driver, and writes with the driver's S3 settings. Without a
+filesystem (None) paths are local, as before.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from cellfoundry import storage
 from cellfoundry.config.schema import ActorPoolConfig
 
 
@@ -30,6 +41,53 @@ def write_table_atomic(table: pa.Table, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     pq.write_table(table, tmp)
     os.replace(tmp, path)
+
+
+def on_filesystem(uris: Sequence[str | Path]) -> tuple[pafs.FileSystem, list[str]]:
+    """``(filesystem, paths within it)`` of files that all live on one filesystem (local
+    paths or URIs of one object store), for Ray Data's ``filesystem=`` and for UDFs."""
+    if not uris:
+        return pafs.LocalFileSystem(), []
+    remote = {storage.is_remote(u) for u in uris}
+    if len(remote) > 1:
+        raise ValueError(f"files on several filesystems (e.g. {list(uris)[:2]}); keep them on one")
+    fs = storage.filesystem(uris[0])
+    return fs, [storage.resolve(u)[1] for u in uris]
+
+
+def table_at(uri: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """Read one Parquet file (a local path or an object-store URI) on the driver."""
+    fs, path = storage.resolve(uri)
+    return pq.read_table(path, columns=columns, filesystem=fs)
+
+
+def _local(filesystem: pafs.FileSystem | None) -> bool:
+    return filesystem is None or isinstance(filesystem, pafs.LocalFileSystem)
+
+
+def is_file_in(filesystem: pafs.FileSystem | None, path: str) -> bool:
+    """Whether a file or object is at ``path`` within ``filesystem`` (None: local)."""
+    if _local(filesystem):
+        return Path(path).is_file()
+    return filesystem.get_file_info(path).type == pafs.FileType.File
+
+
+def read_bytes_in(filesystem: pafs.FileSystem | None, path: str) -> bytes:
+    """The bytes of the file at ``path`` within ``filesystem`` (None: local)."""
+    if _local(filesystem):
+        return Path(path).read_bytes()
+    with filesystem.open_input_stream(path) as f:
+        return bytes(f.read())
+
+
+def write_bytes_in(filesystem: pafs.FileSystem | None, path: str, data: bytes) -> None:
+    """Write a whole file at ``path`` within ``filesystem`` (None: local); readers never
+    see part of it (a temp name and a rename locally; an object appears whole)."""
+    if _local(filesystem):
+        storage.write_bytes(path, data)
+        return
+    with filesystem.open_output_stream(path) as f:
+        f.write(data)
 
 
 class PerItem:

@@ -3,7 +3,9 @@
 Each chunk becomes one Parquet part under ``<work>/ingest/<dataset>/<fingerprint>/``,
 written atomically, with a small stats sidecar; a rerun skips parts that exist, so after
 fixing one input only what is missing is redone. A dataset that fails to probe or to
-read is quarantined with its error; the others go on.
+read is quarantined with its error; the others go on. ``<work>`` is a local folder or an
+object-store prefix; tasks write there through the driver's filesystem (see
+:mod:`cellfoundry.corpus.filemap`).
 """
 
 from __future__ import annotations
@@ -11,17 +13,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cellfoundry import storage
 from cellfoundry.corpus import sources
 from cellfoundry.corpus.catalog import DatasetEntry
 from cellfoundry.corpus.cells import GeneFlags, chunk_to_cells
-from cellfoundry.corpus.filemap import PerItem, resolve, write_table_atomic
+from cellfoundry.corpus.filemap import PerItem, is_file_in, read_bytes_in, resolve, write_bytes_in
 from cellfoundry.genes import GeneTable
 
 logger = logging.getLogger(__name__)
@@ -153,8 +155,9 @@ def probe_dataset(
     )
 
 
-def part_dir(work_dir: Path, probed: ProbedDataset) -> Path:
-    return work_dir / "ingest" / probed.entry.id / probed.fingerprint
+def part_dir(work_dir: str | Path, probed: ProbedDataset) -> str:
+    """Where a dataset's parts go: a local path or an object-store URI, as ``work_dir``."""
+    return storage.join(work_dir, "ingest", probed.entry.id, probed.fingerprint)
 
 
 def _moments(x: np.ndarray) -> list[float]:
@@ -166,17 +169,23 @@ def _moments(x: np.ndarray) -> list[float]:
 
 
 class IngestChunks(PerItem):
-    """Ray Data UDF: one chunk in, one cell part on disk and a stats row out."""
+    """Ray Data UDF: one chunk in, one cell part and a stats row out.
 
-    def __init__(self, plan: Any) -> None:
+    ``item["part_dir"]`` is a path within ``filesystem`` (the driver's pyarrow filesystem,
+    None: local), so the part lands on the output's storage whichever node runs the task.
+    """
+
+    def __init__(self, plan: Any, filesystem: Any = None) -> None:
         self.plan: dict[str, Any] = resolve(plan)
+        self.filesystem = resolve(filesystem)
 
     def process(self, item: dict[str, Any]) -> dict[str, Any]:
         ds_id, start, stop = str(item["dataset_id"]), int(item["start"]), int(item["stop"])
-        out = Path(item["part_dir"]) / f"part-{start:012d}.parquet"
-        stats_file = out.with_suffix(".json")
-        if out.exists() and stats_file.exists():  # finished by an earlier run
-            return json.loads(stats_file.read_text())
+        out = f"{str(item['part_dir']).rstrip('/')}/part-{start:012d}.parquet"
+        stats_file = out.removesuffix(".parquet") + ".json"
+        # The sidecar is written after the part, so it marks a part an earlier run finished.
+        if is_file_in(self.filesystem, stats_file) and is_file_in(self.filesystem, out):
+            return json.loads(read_bytes_in(self.filesystem, stats_file))
         p = self.plan[ds_id]
         entry: DatasetEntry = p["entry"]
         try:
@@ -196,7 +205,7 @@ class IngestChunks(PerItem):
         except (sources.SourceError, ValueError, OSError) as exc:
             logger.error("dataset %s, cells %d-%d: %s", ds_id, start, stop, exc)
             return {"dataset_id": ds_id, "start": start, "n_cells": 0, "error": str(exc)}
-        write_table_atomic(table, out)
+        storage.write_parquet(table, out, self.filesystem)
         stats = {
             "dataset_id": ds_id,
             "start": start,
@@ -205,7 +214,7 @@ class IngestChunks(PerItem):
             "n_counts_moments": _moments(table["n_counts"].to_numpy().astype(np.float64)),
             "pct_mito_moments": _moments(table["pct_mito"].to_numpy()),
         }
-        stats_file.write_text(json.dumps(stats))
+        write_bytes_in(self.filesystem, stats_file, json.dumps(stats).encode())
         return stats
 
 
@@ -224,6 +233,6 @@ def merge_moments(parts: list[list[float]]) -> tuple[int, float, float]:
     return int(n), mean, sd
 
 
-def remove_parts(work_dir: Path, dataset_id: str) -> None:
+def remove_parts(work_dir: str | Path, dataset_id: str) -> None:
     """Drop a quarantined dataset's partial parts so a rerun reads it afresh."""
-    shutil.rmtree(work_dir / "ingest" / dataset_id, ignore_errors=True)
+    storage.delete_prefix(storage.join(work_dir, "ingest", dataset_id))

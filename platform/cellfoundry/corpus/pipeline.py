@@ -1,10 +1,20 @@
-"""Stage 1 end to end: catalog -> cells -> medians -> vocabulary -> tokenized (Ray Data)."""
+"""Stage 1 end to end: catalog -> cells -> medians -> vocabulary -> tokenized (Ray Data).
+
+``output_dir`` is a local (or mounted) folder or an object-store prefix
+(``s3://bucket/prefix``, ``gs://...``). Each sub-artifact is written with
+:func:`cellfoundry.artifacts.write_artifact` (on object storage: data under a run-unique
+sub-prefix, the manifest last); Ray tasks read and write through the driver's pyarrow
+filesystem, so no node needs a filesystem shared with the driver. Ingest parts and the
+duplicates found go to ``<output_dir>/_work`` first, so a crashed run resumes without
+reading again what it had read; on object storage that scratch prefix is deleted once the
+``cells`` artifact is complete (locally it stays, as it always has).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import logging
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -14,12 +24,13 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cellfoundry import artifacts
+from cellfoundry import artifacts, storage
 from cellfoundry.config.schema import ActorPoolConfig, CorpusConfig
 from cellfoundry.corpus import catalog as cat
 from cellfoundry.corpus import dedup, ingest, qc, sources, vocab_stage
 from cellfoundry.corpus.filemap import part_name, run_per_item
 from cellfoundry.corpus.ingest import GeneIndex, ProbedDataset
+from cellfoundry.corpus.vocab_stage import Where, child
 from cellfoundry.genes import GeneTable
 
 logger = logging.getLogger(__name__)
@@ -27,13 +38,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class CorpusResult:
-    """Paths of the artifacts a corpus run produced (or reused) and its counts."""
+    """Paths of the artifacts a corpus run produced (or reused) and its counts: ``Path``s
+    for a local ``output_dir``, URIs (``str``) for an object-store one."""
 
-    catalog: Path
-    cells: Path
-    medians: Path
-    vocabulary: Path
-    tokenized: Path
+    catalog: Where
+    cells: Where
+    medians: Where
+    vocabulary: Where
+    tokenized: Where
     counts: dict[str, Any]
 
     def paths(self) -> dict[str, str]:
@@ -45,10 +57,10 @@ def _n_partitions(n_rows: int) -> int:
     return int(max(1, min(200, n_rows // 250_000)))
 
 
-def _catalog_stage(cfg: CorpusConfig, out: Path) -> tuple[Path, list[cat.DatasetEntry]]:
+def _catalog_stage(cfg: CorpusConfig, out: Where) -> tuple[Where, list[cat.DatasetEntry]]:
     entries = cat.load_catalog(cfg.catalog)
     rows = [{**e.to_row(), "signature": ingest.file_signature(e.uri)} for e in entries]
-    path = out / "catalog"
+    path = child(out, "catalog")
     fp = artifacts.fingerprint("catalog", rows, {})
     if artifacts.reusable(path, "catalog", fp):
         logger.info("catalog: reusing %s", path)
@@ -90,7 +102,7 @@ def _probe_all(
 
 def _ingest(
     probed: list[ProbedDataset],
-    work: Path,
+    work: Where,
     genes: GeneIndex,
     metadata_columns: list[str],
     pool: ActorPoolConfig,
@@ -102,18 +114,31 @@ def _ingest(
         }
         for p in probed
     }  # fmt: skip
+    fs = storage.filesystem(work)  # tasks write the parts with the driver's settings
     items = [
-        {"dataset_id": p.entry.id, "start": s, "stop": t, "part_dir": str(ingest.part_dir(work, p))}
+        {"dataset_id": p.entry.id, "start": s, "stop": t,
+         "part_dir": storage.resolve(ingest.part_dir(work, p))[1]}
         for p in probed
         for s, t in p.chunks
-    ]
-    return run_per_item(items, ingest.IngestChunks, pool=pool, plan=plan)
+    ]  # fmt: skip
+    return run_per_item(items, ingest.IngestChunks, pool=pool, plan=plan, filesystem=fs)
+
+
+def _part_files(folder: str) -> list[str]:
+    """The ``part-*.parquet`` files directly in ``folder`` (a path or URI), in name order."""
+    names = storage.list_files(folder, recursive=False)
+    return [storage.join(folder, n) for n in names if fnmatch.fnmatch(n, "part-*.parquet")]
+
+
+def _part_start(file: str) -> int:
+    """The first row of an ingest part, from its name ``part-<first row>.parquet``."""
+    return int(storage.name(file).removesuffix(".parquet").split("-")[1])
 
 
 def _cells_stage(
-    cfg: CorpusConfig, out: Path, catalog_path: Path, entries: list[cat.DatasetEntry]
-) -> Path:
-    path, work = out / "cells", out / "_work"
+    cfg: CorpusConfig, out: Where, catalog_path: Where, entries: list[cat.DatasetEntry]
+) -> Where:
+    path, work = child(out, "cells"), child(out, "_work")
     table = GeneTable.load(cfg.gene_table)
     salt = ingest.file_signature(str(table.source)) if getattr(table, "source", None) else "default"
     stage_cfg = {
@@ -126,6 +151,7 @@ def _cells_stage(
     previous = artifacts.reusable(path, "cells", fp)
     if previous and not previous["counts"]["quarantined"]:
         logger.info("cells: reusing %s", path)
+        _remove_remote_scratch(work)  # what a run that crashed after the commit left
         return path
     genes = GeneIndex.from_table(table)
     dataset_status: dict[str, dict[str, Any]] = {}
@@ -174,8 +200,8 @@ def _cells_stage(
             "genes": p.gene_report,
         }
         _drop_stale_parts(work, p)
-    parts = [(p, f) for p in good for f in sorted(ingest.part_dir(work, p).glob("part-*.parquet"))]
-    files = [str(f) for _, f in parts]
+    parts = [(p, f) for p in good for f in _part_files(ingest.part_dir(work, p))]
+    files = [f for _, f in parts]
     duplicates = dedup.DuplicateIndex()  # where the duplicates are, never them all
     if cfg.qc.deduplicate_cells:
         panels = {
@@ -184,36 +210,52 @@ def _cells_stage(
         }
         duplicates = dedup.find_duplicates(
             files, panels, min_identity=cfg.qc.duplicate_min_identity,
-            num_partitions=_n_partitions(sum(p.n_cells for p in good)), out_dir=work / "dedup",
+            num_partitions=_n_partitions(sum(p.n_cells for p in good)),
+            out_dir=child(work, "dedup"),
         )  # fmt: skip
     with artifacts.write_artifact(path, "cells", stage_cfg, {"catalog": catalog_path}) as w:
         genes_table = pa.table({
             "index": pa.array(np.arange(len(genes)), pa.int32()), "ensembl_id": genes.ensembl_ids,
             "symbol": genes.symbols, "biotype": genes.biotypes, "chromosome": genes.chromosomes,
         })  # fmt: skip
-        pq.write_table(genes_table, w.dir / "genes.parquet")
+        pq.write_table(genes_table, w.dir / "genes.parquet")  # small: staged on the driver
+        # Tasks write the parts straight into the artifact's data (a temp folder, or the
+        # run's sub-prefix on object storage), through the driver's filesystem.
+        fs, data = storage.resolve(storage.join(w.uri, "data"))
         items = [
-            {"src": str(f), "dataset_id": p.entry.id,
-             "dst": str(w.dir / "data" / part_name(p.index, int(f.stem.split("-")[1])))}
+            {"src": storage.resolve(f)[1], "dataset_id": p.entry.id,
+             "dst": f"{data}/{part_name(p.index, _part_start(f))}"}
             for p, f in parts
         ]  # fmt: skip
         results = run_per_item(
             items, dedup.AssignQCParts, pool=cfg.compute, thresholds=thresholds,
-            duplicates=duplicates,
+            duplicates=duplicates, filesystem=fs,
         )  # fmt: skip
         w.counts = _reconcile(results, entries, dataset_status, by_id)
         w.extra["datasets"] = dataset_status
         summary = w.counts.pop("_per_dataset")
         pl.DataFrame(summary).write_parquet(w.dir / "qc_summary.parquet")
+    _remove_remote_scratch(work)
     return path
 
 
-def _drop_stale_parts(work: Path, p: ProbedDataset) -> None:
+def _remove_remote_scratch(work: Where) -> None:
+    """On object storage, delete the ``_work`` prefix once ``cells`` is complete: nothing
+    reads it any more, and objects outside an artifact would stay unseen (and billed) in
+    the bucket. A local ``_work`` folder is kept as before."""
+    if storage.is_remote(work):
+        storage.delete_prefix(work)
+
+
+def _drop_stale_parts(work: Where, p: ProbedDataset) -> None:
     """Parts from an earlier version of a dataset's file are no longer needed."""
-    root = work / "ingest" / p.entry.id
-    for child in root.iterdir() if root.exists() else []:
-        if child.name != p.fingerprint:
-            shutil.rmtree(child, ignore_errors=True)
+    root = storage.join(work, "ingest", p.entry.id)
+    for name, is_dir in storage.list_children(root).items():
+        if name != p.fingerprint:
+            if is_dir:
+                storage.delete_prefix(storage.join(root, name))
+            else:
+                storage.delete_file(storage.join(root, name))
 
 
 def _reconcile(
@@ -268,16 +310,26 @@ def _reconcile(
 
 
 def run_corpus(cfg: CorpusConfig) -> CorpusResult:
-    """Run stage 1 (Ray must be initialised); reuses complete artifacts whose inputs are unchanged."""
+    """Run stage 1 (Ray must be initialised); reuses complete artifacts whose inputs are unchanged.
+
+    ``cfg.output_dir`` may be an object-store prefix (``s3://bucket/prefix``): its bucket is
+    checked before any work (:class:`~cellfoundry.artifacts.ArtifactError` naming the URI
+    and the setting to fix), and the result's paths are then URIs."""
     from cellfoundry.runtime import configure_data_context
 
     configure_data_context()  # deterministic order: the same outputs on 1 or 100 nodes
-    artifacts.require_local(cfg.output_dir, "corpus")  # s3:// is not wired for stage 1 yet
-    out = Path(cfg.output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out: Where
+    if storage.is_remote(cfg.output_dir):
+        out = storage.normalize(cfg.output_dir)
+    else:
+        out = Path(cfg.output_dir).resolve()
     with contextlib.ExitStack() as claims:  # one writer per output; checked before any work
         for kind in ("catalog", "cells", "medians", "vocabulary", "tokenized"):
-            claims.enter_context(artifacts.claim_output(out / kind, kind))
+            claims.enter_context(
+                artifacts.claim_output(child(out, kind), kind, object_storage=True)
+            )
+        if isinstance(out, Path):
+            out.mkdir(parents=True, exist_ok=True)
         catalog_path, entries = _catalog_stage(cfg, out)
         cells_path = _cells_stage(cfg, out, catalog_path, entries)
         medians_path = vocab_stage.medians_stage(cfg, out, cells_path)

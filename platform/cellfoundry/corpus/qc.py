@@ -9,7 +9,6 @@ Thresholds are per dataset: mean +/- n_sd sample standard deviations over all of
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,7 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from cellfoundry.corpus.filemap import PerItem, resolve, write_table_atomic
+from cellfoundry import storage
+from cellfoundry.corpus.filemap import PerItem, resolve
 
 PASSED = "passed"
 DUPLICATE = "duplicate"
@@ -80,15 +80,20 @@ def assign_outcomes(
 
 
 class AssignQCFiles(PerItem):
-    """Ray Data UDF: an ingested part in, the same cells with ``qc`` out (file per part)."""
+    """Ray Data UDF: an ingested part in, the same cells with ``qc`` out (file per part).
 
-    def __init__(self, thresholds: Any, duplicate_orders: Any) -> None:
+    ``item["src"]`` and ``item["dst"]`` are paths within ``filesystem`` (the driver's
+    pyarrow filesystem; None: local)."""
+
+    def __init__(self, thresholds: Any, duplicate_orders: Any, filesystem: Any = None) -> None:
         self.thresholds: dict[str, Thresholds] = resolve(thresholds)
         self.duplicate_orders: np.ndarray = resolve(duplicate_orders)
+        self.filesystem = resolve(filesystem)
 
     def process(self, item: dict[str, Any]) -> dict[str, Any]:
-        table = assign_outcomes(pq.read_table(item["src"]), self.thresholds, self.duplicate_orders)
-        write_table_atomic(table, Path(item["dst"]))
+        cells = pq.read_table(item["src"], filesystem=self.filesystem)
+        table = assign_outcomes(cells, self.thresholds, self.duplicate_orders)
+        storage.write_parquet(table, str(item["dst"]), self.filesystem)
         outcomes, counts = np.unique(
             table["qc"].to_numpy(zero_copy_only=False).astype(str), return_counts=True
         )

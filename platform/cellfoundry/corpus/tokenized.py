@@ -4,6 +4,9 @@ The artifact holds Parquet shards (``*.parquet``: ``input_ids``, ``length``, met
 the same rows under ``hf/`` in the layout ``datasets.save_to_disk`` writes (Arrow stream
 files + ``state.json`` + ``dataset_info.json``), so ``datasets.load_from_disk(DIR/hf)``
 loads it like Genecorpus. Each shard is converted by its own task: nothing holds the corpus.
+Shards and the ``hf/`` copy may be on object storage: tasks read and write them through
+the driver's pyarrow filesystem (on S3 the ``hf/`` folder then needs
+``datasets.load_from_disk("s3://...", storage_options=...)``, with ``s3fs``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import pyarrow.parquet as pq
 from cellfoundry import artifacts, storage
 from cellfoundry.corpus.cells import list_array, remap_csr
 from cellfoundry.corpus.encode import RankEncoder
-from cellfoundry.corpus.filemap import PerItem, resolve, write_table_atomic
+from cellfoundry.corpus.filemap import PerItem, on_filesystem, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -65,19 +68,26 @@ class EncodeCells:
 
 
 class EncodeFiles(PerItem):
-    """Ray Data UDF: a cells file in, a token shard of its passed cells out (same name)."""
+    """Ray Data UDF: a cells file in, a token shard of its passed cells out (same name).
 
-    def __init__(self, encoder: Any, gene_map: Any, keep_columns: Any, max_length: Any) -> None:
+    ``item["src"]`` and ``item["dst"]`` are paths within ``filesystem`` (the driver's
+    pyarrow filesystem; None: local)."""
+
+    def __init__(
+        self, encoder: Any, gene_map: Any, keep_columns: Any, max_length: Any,
+        filesystem: Any = None,
+    ) -> None:  # fmt: skip
         self.encode = EncodeCells(resolve(encoder), resolve(gene_map), resolve(keep_columns))
         self.max_length: int = resolve(max_length)
+        self.filesystem = resolve(filesystem)
 
     def process(self, item: dict[str, Any]) -> dict[str, Any]:
-        cells = pq.read_table(item["src"])
+        cells = pq.read_table(item["src"], filesystem=self.filesystem)
         passed = cells.filter(pc.equal(cells["qc"], "passed"))
         if passed.num_rows == 0:
             return {"rows": 0, "lengths": length_histogram(np.zeros(0, np.int64), self.max_length)}
         table = self.encode(passed)
-        write_table_atomic(table, Path(item["dst"]))
+        storage.write_parquet(table, str(item["dst"]), self.filesystem)
         return {
             "rows": table.num_rows,
             "lengths": length_histogram(table["length"].to_numpy(), self.max_length),
@@ -125,30 +135,42 @@ def merge_histograms(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
-def _to_arrow_stream(parquet_file: str, arrow_file: str) -> int:
-    table = pq.read_table(parquet_file)
-    with pa.OSFile(arrow_file, "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+def _to_arrow_stream(
+    parquet_file: str, source: pafs.FileSystem, arrow_file: str, dest: pafs.FileSystem
+) -> int:
+    """One Parquet shard (within ``source``) -> one Arrow stream file (within ``dest``)."""
+    table = pq.read_table(parquet_file, filesystem=source)
+    with (
+        dest.open_output_stream(arrow_file) as sink,
+        pa.ipc.new_stream(sink, table.schema) as writer,
+    ):
         for batch in table.to_batches(max_chunksize=1000):
             writer.write_batch(batch)
     return table.num_rows
 
 
-def write_hf_layout(parquet_files: Sequence[str | Path], out_dir: Path) -> dict[str, Any]:
-    """Write ``out_dir`` in ``datasets.save_to_disk`` layout from Parquet shards (one Ray task each)."""
+def write_hf_layout(parquet_files: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:
+    """Write ``out_dir`` in ``datasets.save_to_disk`` layout from Parquet shards (one Ray task
+    each). Shards and ``out_dir`` are local paths or URIs of one object store; tasks use the
+    driver's filesystem."""
     import ray
     from datasets import Features
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = [str(f) for f in parquet_files]
+    if not storage.is_remote(out_dir):  # an object store has no folders to make
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    fs, files = on_filesystem([str(f) for f in parquet_files])
+    out_fs, out = storage.resolve(out_dir)
     n = len(files)
     names = [f"data-{i:05d}-of-{n:05d}.arrow" for i in range(n)]
     convert = ray.remote(num_cpus=1)(_to_arrow_stream)
-    rows = ray.get(
-        [convert.remote(f, str(out_dir / name)) for f, name in zip(files, names, strict=True)]
-    )
-    schema = pq.read_schema(files[0]) if files else pa.schema([])
+    rows = ray.get([
+        convert.remote(f, fs, f"{out.rstrip('/')}/{name}", out_fs)
+        for f, name in zip(files, names, strict=True)
+    ])  # fmt: skip
+    schema = pq.read_schema(files[0], filesystem=fs) if files else pa.schema([])
     features = Features.from_arrow_schema(schema).to_dict() if files else {}
-    (out_dir / "dataset_info.json").write_text(
+    storage.write_text(
+        storage.join(out_dir, "dataset_info.json"),
         json.dumps(
             {
                 "citation": "",
@@ -158,7 +180,7 @@ def write_hf_layout(parquet_files: Sequence[str | Path], out_dir: Path) -> dict[
                 "license": "",
             },
             indent=2,
-        )
+        ),
     )
     state = {
         "_data_files": [{"filename": name} for name in names],
@@ -169,5 +191,5 @@ def write_hf_layout(parquet_files: Sequence[str | Path], out_dir: Path) -> dict[
         "_output_all_columns": False,
         "_split": None,
     }
-    (out_dir / "state.json").write_text(json.dumps(state, indent=2))
+    storage.write_text(storage.join(out_dir, "state.json"), json.dumps(state, indent=2))
     return {"shards": n, "rows": int(sum(rows))}

@@ -1,7 +1,16 @@
-"""Stage 1, second half: corpus medians, the vocabulary, and the tokenized shards."""
+"""Stage 1, second half: corpus medians, the vocabulary, and the tokenized shards.
+
+Each artifact is a local folder or an object-store prefix (``s3://``, ``gs://``; see
+:mod:`cellfoundry.artifacts`). Inputs are read through their manifests
+(:func:`cellfoundry.artifacts.data_files`); what Ray tasks write goes to the artifact's
+:attr:`~cellfoundry.artifacts.ArtifactWriter.uri` through the driver's filesystem, what the
+driver writes (medians, dictionaries) to its staging folder
+(:attr:`~cellfoundry.artifacts.ArtifactWriter.dir`).
+"""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 from dataclasses import asdict
@@ -11,11 +20,11 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from cellfoundry import artifacts
+from cellfoundry import artifacts, storage
 from cellfoundry.config.schema import CorpusConfig
 from cellfoundry.corpus import qc
 from cellfoundry.corpus.encode import RankEncoder
-from cellfoundry.corpus.filemap import run_per_item
+from cellfoundry.corpus.filemap import on_filesystem, run_per_item, table_at
 from cellfoundry.corpus.medians import compute_medians, medians_to_table
 from cellfoundry.corpus.tokenized import EncodeFiles, merge_histograms, write_hf_layout
 from cellfoundry.genes import (
@@ -31,11 +40,26 @@ MEDIANS_FILE = "gene_median_dictionary.json"
 TOKENS_FILE = "token_dictionary.json"
 
 
-def _cell_files(cells: Path) -> list[str]:
-    return [str(f) for f in sorted((cells / "data").glob("part-*.parquet"))]
+Where = Path | str
+"""An artifact's place: a local folder (``Path``) or an object-store URI (``str``)."""
 
 
-def _passed_cells(cells: Path, columns: list[str] | None = None):
+def child(out: Where, name: str) -> Where:
+    """``out/name``, a ``Path`` for a local folder and a URI for an object-store prefix."""
+    return out / name if isinstance(out, Path) else storage.join(out, name)
+
+
+def _cell_files(cells: Where) -> list[str]:
+    """The cells parts (local paths or URIs), in name order, as the manifest lists them."""
+    return artifacts.data_files(cells, "data/part-*.parquet")
+
+
+def _genes(cells: Where) -> list[str]:
+    """The corpus genes' Ensembl IDs, by corpus gene index."""
+    return table_at(artifacts.data_files(cells, "genes.parquet")[0])["ensembl_id"].to_pylist()
+
+
+def _passed_cells(cells: Where, columns: list[str] | None = None):
     import ray
 
     files = _cell_files(cells)
@@ -44,27 +68,28 @@ def _passed_cells(cells: Path, columns: list[str] | None = None):
             f"{cells}: no cell passed QC in any dataset; check the catalog and the cells manifest"
         )
     cols = None if columns is None else [*columns, "qc"]
-    return ray.data.read_parquet(files, columns=cols).map_batches(
+    fs, paths = on_filesystem(files)  # read tasks use the driver's filesystem
+    return ray.data.read_parquet(paths, columns=cols, filesystem=fs).map_batches(
         qc.is_passed, batch_format="pyarrow"
     )
 
 
-def medians_stage(cfg: CorpusConfig, out: Path, cells: Path) -> Path:
+def medians_stage(cfg: CorpusConfig, out: Where, cells: Where) -> Where:
     """Non-zero median of count / n_counts * 10,000 per corpus gene, over passed cells."""
-    path = out / "medians"
+    path = child(out, "medians")
     stage_cfg = asdict(cfg.medians)
     fp = artifacts.fingerprint("medians", stage_cfg, {"cells": cells})
     if artifacts.reusable(path, "medians", fp):
         logger.info("medians: reusing %s", path)
         return path
-    genes = pq.read_table(cells / "genes.parquet")
+    genes = _genes(cells)
     ds = _passed_cells(cells, ["gene_ids", "counts", "n_counts"])
     result = compute_medians(
-        ds, genes.num_rows, method=cfg.medians.method, bins=cfg.medians.bins,
+        ds, len(genes), method=cfg.medians.method, bins=cfg.medians.bins,
         max_values_per_gene=cfg.medians.max_values_per_gene,
     )  # fmt: skip
     with artifacts.write_artifact(path, "medians", stage_cfg, {"cells": cells}) as w:
-        table = medians_to_table(result, genes["ensembl_id"].to_pylist())
+        table = medians_to_table(result, genes)
         pq.write_table(table, w.dir / "medians.parquet")
         w.counts = {"genes_detected": int((result.n_detected > 0).sum()), "passes": result.passes}
         w.extra["method"] = {
@@ -74,9 +99,9 @@ def medians_stage(cfg: CorpusConfig, out: Path, cells: Path) -> Path:
     return path
 
 
-def vocabulary_stage(cfg: CorpusConfig, out: Path, cells: Path, medians: Path) -> Path:
+def vocabulary_stage(cfg: CorpusConfig, out: Where, cells: Where, medians: Where) -> Where:
     """token_dictionary.json (+ medians) from the corpus, or from Geneformer dictionaries."""
-    path = out / "vocabulary"
+    path = child(out, "vocabulary")
     stage_cfg = {"mode": cfg.tokenize.mode, "dictionaries": cfg.tokenize.dictionaries}
     inputs = {"cells": cells, "medians": medians}
     fp = artifacts.fingerprint("vocabulary", stage_cfg, inputs)
@@ -96,7 +121,9 @@ def vocabulary_stage(cfg: CorpusConfig, out: Path, cells: Path, medians: Path) -
     else:
         from cellfoundry.genes import GeneTable
 
-        table = pl.read_parquet(medians / "medians.parquet").filter(pl.col("n_cells_detected") > 0)
+        table = pl.from_arrow(table_at(artifacts.data_files(medians, "medians.parquet")[0]))
+        assert isinstance(table, pl.DataFrame)
+        table = table.filter(pl.col("n_cells_detected") > 0)
         tokens = build_vocabulary(
             table["ensembl_id"].to_list(),
             mode=cfg.tokenize.mode,
@@ -116,9 +143,11 @@ def vocabulary_stage(cfg: CorpusConfig, out: Path, cells: Path, medians: Path) -
 
 
 def corpus_encoder(
-    vocab: Path, ensembl_ids: list[str], mode: str, max_genes: int
+    vocab: Where, ensembl_ids: list[str], mode: str, max_genes: int
 ) -> tuple[RankEncoder, np.ndarray]:
-    """Encoder over the vocabulary's genes, and the corpus gene id -> vocabulary position map."""
+    """Encoder over the vocabulary's genes, and the corpus gene id -> vocabulary position map.
+    ``vocab``: a vocabulary artifact (a remote one is read from this node's cache)."""
+    vocab = artifacts.localize(vocab)
     tokens = load_token_dictionary(vocab / TOKENS_FILE)
     med = json.loads((vocab / MEDIANS_FILE).read_text())
     mapping_file = vocab / "ensembl_mapping_dict.json"
@@ -141,28 +170,41 @@ def corpus_encoder(
     return encoder, gene_map
 
 
-def tokenized_stage(cfg: CorpusConfig, out: Path, cells: Path, vocab: Path) -> Path:
-    """Rank value encode every passed cell into Parquet shards + the datasets layout."""
-    path = out / "tokenized"
+def tokenized_stage(cfg: CorpusConfig, out: Where, cells: Where, vocab: Where) -> Where:
+    """Rank value encode every passed cell into Parquet shards + the datasets layout.
+
+    The shards are ``part-*.parquet`` at the top of the artifact's data, as
+    ``cellfoundry tokenize`` writes them, so pretraining and inference read either alike."""
+    path = child(out, "tokenized")
     stage_cfg = asdict(cfg.tokenize)
     inputs = {"cells": cells, "vocabulary": vocab}
     fp = artifacts.fingerprint("tokenized", stage_cfg, inputs)
     if artifacts.reusable(path, "tokenized", fp):
         logger.info("tokenized: reusing %s", path)
         return path
-    genes = pq.read_table(cells / "genes.parquet")["ensembl_id"].to_pylist()
+    genes = _genes(cells)
     encoder, gene_map = corpus_encoder(vocab, genes, cfg.tokenize.mode, cfg.tokenize.max_genes)
-    meta = [c for c in pq.read_schema(_cell_files(cells)[0]).names if c not in _CELL_FIELDS]
+    fs, sources = on_filesystem(_cell_files(cells))
+    meta = [c for c in pq.read_schema(sources[0], filesystem=fs).names if c not in _CELL_FIELDS]
     keep = ["cell_id", "dataset_id", *meta]
     with artifacts.write_artifact(path, "tokenized", stage_cfg, inputs) as w:
-        items = [{"src": f, "dst": str(w.dir / Path(f).name)} for f in _cell_files(cells)]
+        # Tasks write the shards straight into the artifact's data (a temp folder, or the
+        # run's sub-prefix on object storage), through the driver's filesystem.
+        out_fs, data = storage.resolve(w.uri)
+        items = [
+            {"src": src, "dst": f"{data.rstrip('/')}/{src.rpartition('/')[2]}"} for src in sources
+        ]
         results = run_per_item(
             items, EncodeFiles, pool=cfg.compute, encoder=encoder, gene_map=gene_map,
-            keep_columns=keep, max_length=cfg.tokenize.model_input_size,
+            keep_columns=keep, max_length=cfg.tokenize.model_input_size, filesystem=out_fs,
         )  # fmt: skip
-        shards = sorted(w.dir.glob("part-*.parquet"))
+        shards = [
+            storage.join(w.uri, name)
+            for name in storage.list_files(w.uri, recursive=False)
+            if fnmatch.fnmatch(name, "part-*.parquet")
+        ]
         hist = merge_histograms([r["lengths"] for r in results])
-        hf = write_hf_layout(shards, w.dir / "hf")
+        hf = write_hf_layout(shards, storage.join(w.uri, "hf"))
         w.counts = {"cells": hist["cells"], "tokens": hist["tokens"], "shards": len(shards)}
         w.extra["length_histogram"] = hist
         w.extra["hf"] = hf
