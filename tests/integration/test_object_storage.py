@@ -228,3 +228,44 @@ def test_s3_lock_store_uses_conditional_writes(s3: S3Prefix) -> None:
     assert not store.remove_if(key, b"c")
     with pytest.raises(storage.StorageError, match="gs:// yet"):
         locks._store("gs://bucket/.x.lock")
+
+
+def test_serving_reads_a_model_artifact_on_s3(
+    s3: S3Prefix, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    import torch
+
+    from cellfoundry.config import parse_config
+    from cellfoundry.config.serve import ServeJobConfig
+    from cellfoundry.model import bert_config, build_model, save_checkpoint
+    from cellfoundry.serve import CellTokenizer
+    from cellfoundry.serve.loading import load_encoder
+
+    monkeypatch.setenv(artifacts.CACHE_ENV, str(tmp_path / "cache"))
+    genes = ["ENSG00000000003", "ENSG00000000005", "ENSG00000000419", "ENSG00000000457"]
+    vocab = {
+        "<pad>": 0,
+        "<mask>": 1,
+        "<cls>": 2,
+        "<eos>": 3,
+        **{g: 4 + i for i, g in enumerate(genes)},
+    }
+    config = bert_config("tiny", vocab_size=len(vocab), max_position_embeddings=16, hidden_size=32,
+                         num_attention_heads=2, intermediate_size=64, num_hidden_layers=1)  # fmt: skip
+    uri = s3.uri("served", "model")
+    with artifacts.write_artifact(uri, "model", {"test": "serve"}) as w:
+        save_checkpoint(build_model(config, seed=0), w.dir, token_dictionary=vocab)
+        (w.dir / "gene_median_dictionary.json").write_text(json.dumps(dict.fromkeys(genes, 1.0)))
+
+    cfg = parse_config(ServeJobConfig, {"model": uri, "classifiers": {"c": s3.uri("served", "ft")}})
+    assert cfg.model == uri  # a URI is kept, never made a local path
+    with pytest.raises(ValueError, match=r"gene_medians: s3://.* give a local or mounted file"):
+        parse_config(ServeJobConfig, {"model": uri, "gene_medians": s3.uri("m.json")})
+    tokenizer = CellTokenizer.for_model(uri, min_genes=1)
+    ids = tokenizer.tokenize({genes[2]: 5, genes[0]: 1})[0]
+    assert ids[0] == vocab["<cls>"] and ids[1] == vocab[genes[2]]
+    model = load_encoder(uri, "fp32", torch.device("cpu"))
+    assert model.config.vocab_size == len(vocab)
+    assert list((tmp_path / "cache" / "artifacts").iterdir())  # read from this node's copy

@@ -112,20 +112,20 @@ class ServeJobConfig:
     """Stage 5: a model behind an HTTP API (``/embed``, ``/classify``, ``/perturb``, ``/healthz``)."""
 
     model: str
-    """A model directory (``BertForMaskedLM``; config.json, weights, token_dictionary.json).
-    Not an ``s3://`` / ``gs://`` URI yet (refused): the app reads the token dictionary and
-    gene medians from a folder."""
+    """A model directory (``BertForMaskedLM``; config.json, weights, token_dictionary.json),
+    or the ``s3://`` / ``gs://`` URI of a ``model`` artifact: each replica then reads its
+    node's cached copy (:func:`cellfoundry.artifacts.localize`)."""
     gene_medians: str | None = None
     """``gene_median_dictionary.json`` (Ensembl ID -> non-zero median) used to tokenize raw
     counts on the server; None: the file beside the model, else the corpus vocabulary the
-    model was trained on (found through the model's manifest)."""
+    model was trained on (found through the model's manifest, local or on object storage).
+    A local file: a single file on object storage is not read (leave this unset instead)."""
     gene_table: str | None = None
     """Gene table to map symbols to Ensembl IDs (None: the shared default table)."""
     classifiers: dict[str, str] = field(default_factory=dict)
     """name -> a fine-tuned classifier directory (full model or LoRA adapter with its base)
     or the URI of a ``finetuned`` artifact, chosen per request by ``"classifier": name`` on
-    ``/classify`` (multiplexed). Not URIs yet (refused): the app pins them as local paths;
-    :mod:`cellfoundry.serve.loading` itself already loads URIs (a node's cached copy)."""
+    ``/classify`` (multiplexed); each replica reads its node's cached copy of a URI."""
     precision: Literal["auto", "fp32", "bf16", "int8"] = "auto"
     """Weights: int8 (bitsandbytes LLM.int8), bf16, fp32; auto = bf16 on a GPU, fp32 on CPU."""
     layer: int = -2
@@ -156,13 +156,13 @@ class ServeJobConfig:
         if self.gene_table is not None:
             self.gene_table = expand(self.gene_table)
         self.classifiers = {k: expand(v) for k, v in self.classifiers.items()}
-        remote = [f"{k}: {v}" for k, v in [("model", self.model), *self.classifiers.items()]
-                  if is_remote(v)]  # fmt: skip
-        if remote:
-            raise ValueError(
-                f"{', '.join(remote)}: serving does not read object storage yet (the app "
-                "reads the tokenizer files from the model folder and pins paths as local); "
-                "copy the artifact to a local or mounted folder and point the config at it"
-            )
+        for key in ("gene_medians", "gene_table"):
+            value = getattr(self, key)
+            if value is not None and is_remote(value):
+                raise ValueError(
+                    f"{key}: {value} is on object storage; give a local or mounted file (or "
+                    "leave gene_medians unset: the model's own vocabulary is then used, "
+                    "wherever it is)"
+                )
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ValueError("num_cpus and num_gpus must be >= 0")

@@ -34,6 +34,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
+from cellfoundry import artifacts, storage
 from cellfoundry.config import config_to_dict, parse_config
 from cellfoundry.config.serve import ServeJobConfig
 from cellfoundry.serve.body import parse_json, read_body
@@ -314,7 +315,7 @@ class Api:
 
 
 def _vocab(model_dir: str) -> dict[str, int]:
-    return json.loads((Path(model_dir) / "token_dictionary.json").read_text())
+    return json.loads((artifacts.localize(model_dir) / "token_dictionary.json").read_text())
 
 
 def build_app(
@@ -334,11 +335,16 @@ def build_app(
 
         token_sha256 = _sha(cfg)
     data = config_to_dict(cfg)
-    # Replicas may start in another directory: pin the driver's relative paths.
+
+    # Replicas may start in another directory: pin the driver's relative paths (URIs stay:
+    # each replica reads its node's cached copy of the artifact).
+    def pin(path: str) -> str:
+        return path if storage.is_remote(path) else str(Path(path).resolve())
+
     for key in ("model", "gene_medians", "gene_table"):
         if data[key] is not None:
-            data[key] = str(Path(data[key]).resolve())
-    data["classifiers"] = {k: str(Path(v).resolve()) for k, v in data["classifiers"].items()}
+            data[key] = pin(data[key])
+    data["classifiers"] = {k: pin(v) for k, v in data["classifiers"].items()}
     scale = cfg.autoscaling
     model = CellModel.options(
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from cellfoundry import artifacts, storage
 from cellfoundry.corpus.encode import TARGET_SUM, RankEncoder
 from cellfoundry.genes import GeneTable
 from cellfoundry.model import load_token_dictionary_for
@@ -66,13 +67,15 @@ def find_gene_medians(model_dir: str | Path, configured: str | None = None) -> P
                 f"gene_medians: {path} does not exist; point it at a gene_median_dictionary.json"
             )
         return path
-    model_dir = Path(model_dir)
+    model_dir = artifacts.localize(model_dir)
     beside = model_dir / "gene_median_dictionary.json"
     if beside.is_file():
         return beside
     manifest = model_dir / "manifest.json"
     if manifest.is_file():
         vocab = json.loads(manifest.read_text()).get("inputs", {}).get("vocabulary", {}).get("path")
+        if vocab and storage.is_remote(vocab):  # a model trained on a corpus in a bucket
+            vocab = str(artifacts.localize(vocab))
         if vocab and (Path(vocab) / "gene_median_dictionary.json").is_file():
             return Path(vocab) / "gene_median_dictionary.json"
     raise ValueError(
@@ -119,7 +122,9 @@ class CellTokenizer:
         symbol_cache_size: int = 100_000, unknown_symbol_cache_size: int = 4_096,
     ) -> CellTokenizer:  # fmt: skip
         """The tokenizer of a model directory (its token dictionary, position limit and
-        the medians found by :func:`find_gene_medians`)."""
+        the medians found by :func:`find_gene_medians`); a model URI is read from this
+        node's cached copy."""
+        model_dir = artifacts.localize(model_dir)
         vocab = load_token_dictionary_for(model_dir)
         if vocab is None:
             raise ValueError(
