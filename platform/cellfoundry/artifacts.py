@@ -154,7 +154,7 @@ def data_files(path: str | Path, pattern: str = "*") -> list[str]:
     return [storage.join(root, n) for n in sorted(names) if fnmatch.fnmatch(n, pattern)]
 
 
-CACHE_ENV = "CELLFOUNDRY_CACHE_DIR"
+CACHE_ENV = storage.CACHE_ENV
 
 
 def cache_root() -> Path:

@@ -25,9 +25,12 @@ and the variable to fix, before any work starts.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -487,3 +490,52 @@ def _check_gcs(uri: str, bucket: str) -> None:
         ) from None
     if found.type == pafs.FileType.NotFound:
         raise StorageError(f"{uri}: bucket {bucket!r} does not exist; create it or fix the URI")
+
+
+# --- the driver's settings, carried into Ray tasks ---------------------------------------
+
+CACHE_ENV = "CELLFOUNDRY_CACHE_DIR"
+"""Where remote artifacts are cached on a node (see :func:`cellfoundry.artifacts.localize`)."""
+STORAGE_ENV = (*_S3_ENV, *_GCS_ENV, CACHE_ENV)
+"""What this module reads from the environment (endpoint, region, keys), and the cache folder."""
+
+
+@dataclass(frozen=True)
+class StorageEnv:
+    """The driver's object-storage variables, to apply inside a Ray task, actor, trial or
+    training worker.
+
+    A Ray worker runs with the environment its node was started with, which on a cluster
+    the driver joined (or in a test whose S3 server started after Ray) lacks the driver's
+    settings. So a stage that hands a URI to workers captures the settings on the driver
+    (:meth:`capture`) and passes them as an argument, as the pickled filesystems of this
+    module travel; never in a runtime env or ``train_loop_config``, which Ray records in its
+    state API and dashboard. Nodes with their own settings (instance or pod roles) need
+    nothing, and a run whose paths are all local captures nothing."""
+
+    env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def capture(cls, *paths: str | Path | None) -> StorageEnv:
+        """The driver's settings when one of ``paths`` is on object storage, else none."""
+        if not any(p is not None and is_remote(p) for p in paths):
+            return cls()
+        return cls({k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)})
+
+    def __repr__(self) -> str:  # never print the keys
+        return f"StorageEnv({sorted(self.env)})"
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """Within the block, this process's environment holds these settings; the previous
+        values come back afterwards (Ray reuses worker processes)."""
+        saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value

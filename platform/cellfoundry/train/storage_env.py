@@ -1,4 +1,4 @@
-"""The driver's object-storage settings, carried into Ray workers and actors.
+"""The driver's object-storage settings in a Ray Train loop (:class:`WithStorageEnv`).
 
 :mod:`cellfoundry.storage` configures its clients from the process environment
 (``AWS_ENDPOINT_URL``, keys, region; ``STORAGE_EMULATOR_HOST``, ...). A Ray worker runs with
@@ -13,50 +13,12 @@ records both in its state API and dashboard). Nodes whose own environment is con
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-from cellfoundry import storage
+from cellfoundry.storage import StorageEnv
 
-#: What :mod:`cellfoundry.storage` reads from the environment (endpoint, region, keys).
-STORAGE_ENV = (*storage._S3_ENV, *storage._GCS_ENV)
-
-
-@dataclass(frozen=True)
-class StorageEnv:
-    """Object-storage variables of the driver, to apply inside a Ray worker or actor."""
-
-    env: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def capture(cls, *paths: str | Path | None) -> StorageEnv:
-        """The driver's settings when one of ``paths`` is on object storage, else none (a
-        local run passes no credentials around)."""
-        if not any(p is not None and storage.is_remote(p) for p in paths):
-            return cls()
-        return cls({k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)})
-
-    def __repr__(self) -> str:  # never print the keys
-        return f"StorageEnv({sorted(self.env)})"
-
-    @contextlib.contextmanager
-    def applied(self) -> Iterator[None]:
-        """Within the block, this process's environment holds these settings; the previous
-        values come back afterwards (Ray reuses worker processes)."""
-        saved = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-        try:
-            yield
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+__all__ = ["StorageEnv", "WithStorageEnv"]
 
 
 class WithStorageEnv:

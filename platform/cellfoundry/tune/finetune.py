@@ -15,11 +15,12 @@ from typing import Any
 from cellfoundry import artifacts, runtime
 from cellfoundry.config.loader import config_to_dict, load_config
 from cellfoundry.config.tune import FinetuneJobConfig
+from cellfoundry.storage import StorageEnv
 from cellfoundry.tune.compare import METHOD_TITLES, Comparison, compare
 from cellfoundry.tune.data import label_mapping
 from cellfoundry.tune.models import save_finetuned
 from cellfoundry.tune.prepare import Prepared, prepare
-from cellfoundry.tune.remote import StorageSettings, has_manifest
+from cellfoundry.tune.remote import has_manifest
 from cellfoundry.tune.report import write_report
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def write_finetuned_artifact(
 
 def finetune_local(
     cfg: FinetuneJobConfig, claim: artifacts.OutputClaim | None = None,
-    settings: StorageSettings | None = None,
+    settings: StorageEnv | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Everything in this process: prepare, train and compare, write the artifact; returns
     the JSON summary (what the Ray task of :func:`run_finetune` returns). ``claim``: the
@@ -100,7 +101,7 @@ def finetune_local(
     if cfg.output_dir is None:
         raise ValueError("output_dir is not set: give the folder of the fine-tuned model artifact")
     with (
-        (settings or StorageSettings()).applied(),
+        (settings or StorageEnv()).applied(),
         artifacts.claim_output(cfg.output_dir, KIND, join=claim, object_storage=True),
     ):
         prep = prepare(cfg)
@@ -142,7 +143,7 @@ def run_finetune(cfg: FinetuneJobConfig) -> dict[str, Any]:
 
         task = ray.remote(finetune_local).options(**_remote_options(cfg), max_retries=0)
         logger.info("finetune: %s on %s -> %s", cfg.model.mode, cfg.data.tokenized, cfg.output_dir)
-        settings = StorageSettings.capture(
+        settings = StorageEnv.capture(
             cfg.output_dir, cfg.model.model_dir, cfg.data.tokenized, cfg.data.cells
         )
         return ray.get(task.remote(cfg, claim, settings))

@@ -9,58 +9,21 @@ Any input may be a local path or an ``s3://`` / ``gs://`` URI of a complete arti
   lists (:func:`cellfoundry.artifacts.data_files`), with :func:`read_parquet`.
 
 A Ray task or Tune trial reads and writes object storage with the settings of the driver
-that started it (:class:`StorageSettings`: endpoint, region, keys, cache folder): they
+that started it (:class:`cellfoundry.storage.StorageEnv`: endpoint, region, keys, cache
+folder): they
 travel as an argument of the task, as :mod:`cellfoundry.storage`'s filesystems do, never in
 a runtime env (which Ray records in its state). Nothing travels when every path is local.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 
 import polars as pl
 import pyarrow.parquet as pq
 
 from cellfoundry import artifacts, storage
-
-#: What :mod:`cellfoundry.storage` reads from the environment (endpoint, region, keys), and
-#: where :func:`cellfoundry.artifacts.localize` caches (as Ray Train workers get the
-#: driver's ``CELLFOUNDRY_*`` variables).
-STORAGE_ENV = (*storage._S3_ENV, *storage._GCS_ENV, artifacts.CACHE_ENV)
-
-
-@dataclass(frozen=True)
-class StorageSettings:
-    """The object-storage variables of the driver, to apply inside a Ray task or trial."""
-
-    env: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def capture(cls, *paths: str | Path | None) -> StorageSettings:
-        """The driver's settings when one of ``paths`` is on object storage, else none (a
-        local run passes no credentials around)."""
-        if not any(p is not None and storage.is_remote(p) for p in paths):
-            return cls()
-        return cls({k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)})
-
-    @contextlib.contextmanager
-    def applied(self) -> Iterator[None]:
-        """Within the block, this process's environment holds these settings (the previous
-        values come back afterwards: Ray reuses worker processes)."""
-        saved = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-        try:
-            yield
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
 
 
 def has_manifest(path: str | Path) -> bool:

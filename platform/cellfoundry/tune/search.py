@@ -9,7 +9,7 @@ The best trial's model is exported as a ``finetuned`` artifact with its metrics.
 ``run.storage_path`` (the experiment and its trial checkpoints) and ``output_dir`` may be
 ``s3://`` / ``gs://`` URIs: Tune gets the filesystem of :mod:`cellfoundry.storage` (pyarrow's
 own would ignore ``AWS_ENDPOINT_URL``), and trials read and write with the driver's storage
-settings (:class:`~cellfoundry.tune.remote.StorageSettings`). A remote experiment resumes
+settings (:class:`~cellfoundry.tune.remote.StorageEnv`). A remote experiment resumes
 only under the same config and inputs: its ``cellfoundry_fingerprint`` object must match."""
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ import torch
 from cellfoundry import artifacts, runtime, storage
 from cellfoundry.config.loader import config_to_dict, load_config, parse_config
 from cellfoundry.config.tune import FinetuneJobConfig, TuneJobConfig
+from cellfoundry.storage import StorageEnv
 from cellfoundry.tune.finetune import KIND, artifact_inputs, write_finetuned_artifact
 from cellfoundry.tune.loop import TrainState, train_classifier
 from cellfoundry.tune.models import build_classifier
 from cellfoundry.tune.prepare import device_for, prepare, set_threads, task_data
-from cellfoundry.tune.remote import StorageSettings
 from cellfoundry.tune.trials import (
     STATE_FILE,
     InterruptAfterTrials,
@@ -60,7 +60,7 @@ def trial_config(job: dict[str, Any], params: dict[str, Any]) -> FinetuneJobConf
 
 
 def tune_trial(
-    params: dict[str, Any], job: dict[str, Any], settings: StorageSettings | None = None
+    params: dict[str, Any], job: dict[str, Any], settings: StorageEnv | None = None
 ) -> None:
     """One Tune trial: fine-tune on the first split with ``params``, report validation
     metrics and a checkpoint (trainable weights + optimizer) every epoch; resume from the
@@ -68,7 +68,7 @@ def tune_trial(
     from cellfoundry.logs import setup_logging
 
     setup_logging()
-    with (settings or StorageSettings()).applied():
+    with (settings or StorageEnv()).applied():
         _trial(params, job)
 
 
@@ -136,7 +136,7 @@ def claim_remote_run(cfg: TuneJobConfig, fingerprint: str) -> None:
     storage.write_text(marker, fingerprint + "\n")
 
 
-def _tuner(cfg: TuneJobConfig, job: dict[str, Any], settings: StorageSettings) -> Any:
+def _tuner(cfg: TuneJobConfig, job: dict[str, Any], settings: StorageEnv) -> Any:
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.hyperopt import HyperOptSearch
@@ -199,7 +199,7 @@ def _tuner(cfg: TuneJobConfig, job: dict[str, Any], settings: StorageSettings) -
 
 def export_best(
     cfg: TuneJobConfig, params: dict[str, Any], checkpoint: Any, trials: list[dict[str, Any]],
-    claim: artifacts.OutputClaim | None = None, settings: StorageSettings | None = None,
+    claim: artifacts.OutputClaim | None = None, settings: StorageEnv | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Rebuild the best trial's model from its best checkpoint, score it (and the baselines)
     on the test split and write the ``finetuned`` artifact at ``cfg.output_dir`` (joining
@@ -207,7 +207,7 @@ def export_best(
     from cellfoundry.logs import setup_logging
 
     setup_logging()
-    with (settings or StorageSettings()).applied():
+    with (settings or StorageEnv()).applied():
         return _export(cfg, params, checkpoint, trials, claim)
 
 
@@ -262,7 +262,7 @@ def _search(cfg: TuneJobConfig, claim: artifacts.OutputClaim) -> dict[str, Any]:
     artifacts.claim_run_dir(cfg.run.storage_path, cfg.run.name, fp)
     claim_remote_run(cfg, fp)
     ft = cfg.finetune
-    settings = StorageSettings.capture(cfg.output_dir, cfg.run.storage_path, ft.model.model_dir,
+    settings = StorageEnv.capture(cfg.output_dir, cfg.run.storage_path, ft.model.model_dir,
                                        ft.data.tokenized, ft.data.cells)  # fmt: skip
     results = _tuner(cfg, job, settings).fit()
     trials = trial_table(results, cfg.tune.metric)
