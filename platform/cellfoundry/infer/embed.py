@@ -61,6 +61,10 @@ class Embedder:
     ``transformers`` BERT (used as is: its device and dtype are kept). ``token_dictionary``
     defaults to the one saved in the model directory (or beside ``model.name_or_path``).
     ``batch_size``: cells per forward pass; ``max_tokens``: also cap padded tokens per pass.
+    ``packed``: the padding-free FlexAttention path (same embeddings, compute on real tokens
+    only; it switches the model to FlexAttention); None: on when the Embedder loads the model
+    itself onto a GPU (on CPU, FlexAttention compiles slowly and padding is cheap next to the
+    matmuls; a model passed in is left as it is, since others may share it).
     """
 
     def __init__(
@@ -75,10 +79,12 @@ class Embedder:
         max_tokens: int | None = None,
         token_dictionary: Mapping[str, int] | None = None,
         compile: bool = False,
+        packed: bool | None = None,
     ) -> None:
         if pooling not in ("mean", "cls"):
             raise ValueError(f"pooling {pooling!r}: use 'mean' or 'cls'")
-        if isinstance(model, (str, Path)):
+        owned = isinstance(model, (str, Path))
+        if owned:
             from cellfoundry.model import load_model
             from cellfoundry.model.checkpoint import local_dir
 
@@ -116,7 +122,9 @@ class Embedder:
                 "pooling 'cls' needs a <cls> token, and this model's dictionary has none (a V1 "
                 "model): use pooling 'mean'"
             )
-        self.encoder = TruncatedEncoder(model, self.n_layers, compile=compile)
+        on_gpu = next(model.parameters()).device.type == "cuda"
+        self.packed = (owned and on_gpu) if packed is None else packed
+        self.encoder = TruncatedEncoder(model, self.n_layers, compile=compile, packed=self.packed)
         self.device = self.encoder.device
 
     # ---------------------------------------------------------------- inputs

@@ -4,6 +4,11 @@ No MLM head and no layer after the chosen one is run. Cells are padded per batch
 longest cell of the batch (rounded up to a multiple of 8 unless all have one length), after
 sorting by length, so a batch wastes almost no padding. Works with any ``transformers`` BERT (``BertForMaskedLM``,
 ``BertModel``, sequence classifiers, 8-bit/4-bit loads): its ``base_model`` is used.
+
+``packed=True`` is the padding-free path (the default on GPU): each batch's cells are packed
+into rows of up to ``row_tokens`` tokens (:func:`cellfoundry.model.packing.pack`) and run
+with FlexAttention and a document mask, so no cell attends to another and compute follows
+real tokens; the hidden states are unpacked into the padded layout, so pooling is the same.
 """
 
 from __future__ import annotations
@@ -44,11 +49,22 @@ class EncodedBatch:
     ids: torch.Tensor
 
 
+PACKED_ROW_TOKENS = 8192
+"""Tokens per packed row (several cells; each row is one FlexAttention sequence)."""
+
+
 class TruncatedEncoder:
-    """Embeddings + the first ``n_layers`` encoder layers of a BERT, in inference mode."""
+    """Embeddings + the first ``n_layers`` encoder layers of a BERT, in inference mode;
+    ``packed``: the padding-free FlexAttention path (see the module docstring)."""
 
     def __init__(
-        self, model: transformers.PreTrainedModel, n_layers: int, *, compile: bool = False
+        self,
+        model: transformers.PreTrainedModel,
+        n_layers: int,
+        *,
+        compile: bool = False,
+        packed: bool = False,
+        row_tokens: int = PACKED_ROW_TOKENS,
     ) -> None:
         base = getattr(model, "base_model", model)
         if not hasattr(base, "embeddings") or not hasattr(base, "encoder"):
@@ -56,6 +72,10 @@ class TruncatedEncoder:
                 f"{type(model).__name__} is not a BERT-like model (no embeddings/encoder); "
                 "pass a transformers BERT such as BertForMaskedLM"
             )
+        if packed:
+            # the same weights, FlexAttention for the layers (a BlockMask as attention mask)
+            model.set_attn_implementation("flex_attention")
+        self.packed, self.row_tokens = packed, row_tokens
         self.base = base.eval()
         layers = list(base.encoder.layer[:n_layers])
         if compile:  # dynamic shapes: batch widths vary with cell lengths
@@ -67,13 +87,30 @@ class TruncatedEncoder:
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(rows, width) ids and 0/1 mask -> (rows, width, hidden) output of the last layer run."""
+        """(rows, width) ids and 0/1 mask -> (rows, width, hidden) output of the last layer run
+        (zeros at padding on the packed path)."""
+        if self.packed:
+            return self._packed(input_ids, attention_mask)
         hidden = self.base.embeddings(input_ids=input_ids)
         mask = _attention_mask(self.base, attention_mask, hidden)
+        return self._layers(hidden, mask)
+
+    def _layers(self, hidden: torch.Tensor, mask: object) -> torch.Tensor:
         for layer in self.layers:
             out = layer(hidden, mask)
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
+
+    def _packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        from cellfoundry.model.packing import pack
+
+        row = max(self.row_tokens, int(input_ids.shape[1]))
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        packed, packing = pack(batch, row_length=row, attention="flex", pad_id=self.pad_id)
+        hidden = self.base.embeddings(
+            input_ids=packed["input_ids"], position_ids=packed["position_ids"]
+        )
+        return packing.unpack(self._layers(hidden, packed["attention_mask"]))
 
     def batches(
         self, seqs: Sequence[np.ndarray], *, batch_size: int, max_tokens: int | None = None

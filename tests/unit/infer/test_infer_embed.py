@@ -168,3 +168,23 @@ def test_bf16_on_cuda_close_to_fp32(small_model: Path) -> None:
     gpu = Embedder(small_model, device="cuda", dtype="bf16").embed_cells(cells)
     cos = (ref * gpu).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(gpu, axis=1)
     assert cos.min() > 0.99
+
+
+def test_packed_flex_path_equals_the_padded_path(small_model: Path, hf: torch.nn.Module) -> None:
+    """The padding-free path (the GPU default): several cells per row under FlexAttention's
+    document mask give the padded path's cell and gene embeddings, cell by cell."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    cells = random_cells(23, seed=5)
+    padded = Embedder(small_model, batch_size=64, packed=False)
+    packed = Embedder(small_model, batch_size=64, packed=True)  # one batch: one compile
+    assert not padded.packed and packed.packed
+    assert packed.model.config._attn_implementation == "flex_attention"
+    cells_a, genes_a = padded.embed(cells, genes=True)
+    cells_b, genes_b = packed.embed(cells, genes=True)
+    assert np.allclose(cells_a, cells_b, atol=ATOL)
+    for (ids_a, emb_a), (ids_b, emb_b) in zip(genes_a or [], genes_b or [], strict=True):
+        assert np.array_equal(ids_a, ids_b) and np.allclose(emb_a, emb_b, atol=ATOL)
+    for i in (0, 7):
+        assert np.allclose(cells_b[i], direct_cell_embedding(hf, cells[i], -2).numpy(), atol=ATOL)
+    # a model passed in is left as it is unless packing is asked for
+    assert not Embedder(hf, token_dictionary=packed.token_dictionary).packed
