@@ -269,3 +269,22 @@ def test_serving_reads_a_model_artifact_on_s3(
     model = load_encoder(uri, "fp32", torch.device("cpu"))
     assert model.config.vocab_size == len(vocab)
     assert list((tmp_path / "cache" / "artifacts").iterdir())  # read from this node's copy
+
+
+def test_pretraining_finds_the_vocabulary_beside_tokens_in_a_bucket(
+    s3: S3Prefix, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from cellfoundry.config import DataConfig
+    from cellfoundry.train.data import resolve_token_dictionary
+
+    monkeypatch.setenv(artifacts.CACHE_ENV, str(tmp_path / "cache"))
+    data = DataConfig(tokenized=s3.uri("corpus", "tokenized"), token_dictionary=None)
+    with pytest.raises(ValueError, match=r"no vocabulary artifact beside data.tokenized .*corpus/vocabulary"):  # fmt: skip
+        resolve_token_dictionary(data)
+    vocab = {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3, "ENSG00000000003": 4}
+    with artifacts.write_artifact(s3.uri("corpus", "vocabulary"), "vocabulary", {}) as w:
+        (w.dir / "token_dictionary.json").write_text(json.dumps(vocab))
+    path, found = resolve_token_dictionary(data)
+    assert found == vocab and path.is_relative_to(tmp_path / "cache")

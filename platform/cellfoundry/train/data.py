@@ -40,18 +40,22 @@ def resolve_token_dictionary(data: DataConfig) -> tuple[Path, dict[str, int]]:
     ``data.token_dictionary`` may be a file or a folder (a ``vocabulary`` artifact, or a
     Geneformer dictionary folder with ``token_dictionary*.json``/``.pkl``), or the URI of a
     ``vocabulary`` artifact on object storage (copied into the local cache first, on each
-    machine that needs it); by default the ``vocabulary`` artifact beside a local tokenized
-    one is used.
+    machine that needs it); by default the ``vocabulary`` artifact beside the tokenized one
+    (a folder or a URI) is used.
     """
     from cellfoundry import artifacts, storage
 
     given = data.token_dictionary
     if given is None and storage.is_remote(data.tokenized):
-        raise ValueError(
-            f"data.token_dictionary is not set and data.tokenized {data.tokenized} is a URI: "
-            "set data.token_dictionary to a vocabulary folder, a dictionary file or the URI of "
-            "a vocabulary artifact"
-        )
+        # the corpus stage writes tokenized/ and vocabulary/ side by side, in a bucket too
+        beside = storage.join(storage.parent(data.tokenized), "vocabulary")
+        if not storage.is_file(storage.join(beside, artifacts.MANIFEST)):
+            raise ValueError(
+                f"data.token_dictionary is not set and there is no vocabulary artifact beside "
+                f"data.tokenized ({beside}): set data.token_dictionary to a vocabulary folder, "
+                "a dictionary file or the URI of a vocabulary artifact"
+            )
+        given = beside
     if given is not None and storage.is_remote(given):
         try:
             given = str(artifacts.localize(given))

@@ -85,7 +85,9 @@ def _inputs(cfg: PretrainJobConfig, spec: RunSpec) -> dict[str, str]:
     """Input artifacts (those with a manifest, local or on object storage) for the model
     artifact's manifest."""
     vocabulary = cfg.data.token_dictionary
-    if vocabulary is None or not storage.is_remote(vocabulary):  # not the local cache's copy
+    if vocabulary is None and storage.is_remote(cfg.data.tokenized):  # the one beside it
+        vocabulary = storage.join(storage.parent(cfg.data.tokenized), "vocabulary")
+    elif vocabulary is None or not storage.is_remote(vocabulary):  # not the local cache's copy
         vocabulary = str(spec.token_dictionary_path.parent)
     candidates = {"tokenized": cfg.data.tokenized, "vocabulary": vocabulary}
     if cfg.data.validation.tokenized is not None:
