@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 test: install
-	$(VENV)/bin/pytest -q -p no:cacheprovider
+	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=30
 
 # Every stage's smoke config in order on one local Ray cluster (generated data when
 # ../shared/data is missing), Serve queried over HTTP, then a summary of every artifact.
