@@ -241,6 +241,21 @@ def test_batch_evaluation_from_s3_to_s3(store: S3Prefix, tmp_path: Path) -> None
     assert {"metrics.json", "report.md", "cell_similarity.png"} <= set(manifest["data_files"])
     assert run(uri, out).reused is True
 
+    # gene embeddings of an embeddings artifact in the bucket are found through its manifest
+    genes = pa.table({
+        "ensembl_id": ["G1", "G1", "G2", "G2"], "token_id": pa.array([4, 4, 5, 5], pa.int32()),
+        "group": ["a", "b", "a", "b"], "n_cells": pa.array([3, 3, 3, 3], pa.int64()),
+        "embedding": pa.array(rng.normal(size=(4, 8)).tolist(), pa.list_(pa.float32())),
+    })  # fmt: skip
+    with artifacts.write_artifact(store.uri("emb", "cells.embeddings"), "embeddings", {}) as w:
+        pq.write_table(genes, w.dir / "genes.parquet")
+    with_genes = run_batch(parse_config(BatchEvalConfig, {
+        "embeddings": uri, "output_dir": store.uri("batch-genes"),
+    }))  # fmt: skip
+    assert with_genes.metrics["genes"]["n_rows"] == 4
+    found = artifacts.read_manifest(store.uri("batch-genes"), "evaluation_batch")["data_files"]
+    assert "gene_similarity.png" in found
+
 
 def test_probe_report_from_s3_to_s3(
     store: S3Prefix, local: dict[str, str], remote: dict[str, str]

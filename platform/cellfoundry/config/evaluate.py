@@ -106,8 +106,9 @@ class BatchEvalConfig:
     gene_embeddings: str | None = None
     """Gene embeddings Parquet (ensembl_id, token_id, group, n_cells, embedding); null: the
     ``genes.parquet`` that ``cellfoundry embed`` writes beside the .h5ad
-    (``<embeddings stem>.embeddings/genes.parquet``) when it exists (local embeddings only:
-    with an ``s3://`` / ``gs://`` URI, name the file); "none": skip genes.
+    (``<embeddings stem>.embeddings/genes.parquet``) when it exists (for embeddings on
+    object storage, looked up in that artifact's manifest when the evaluation runs);
+    "none": skip genes (kept as "").
     The separability index needs them grouped (e.g. embed with group_by: dataset_id)."""
     output_dir: str | None = None
     """Where metrics.json, report.md and the PNGs go; default: ``<embeddings stem>-eval-batch``
@@ -140,7 +141,7 @@ class BatchEvalConfig:
             local = not is_remote(beside) and os.path.exists(beside)
             self.gene_embeddings = beside if local else None
         elif self.gene_embeddings.lower() in ("none", ""):
-            self.gene_embeddings = None
+            self.gene_embeddings = ""  # off, unlike null (not given: looked up at run time)
         else:
             self.gene_embeddings = location(self.gene_embeddings)
         if self.output_dir is None:

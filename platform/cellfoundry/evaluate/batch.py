@@ -137,15 +137,22 @@ def load_genes(
 @artifacts.holds_output(KIND, lambda cfg: cfg.output_dir, object_storage=True)
 def run_batch(cfg: BatchEvalConfig) -> BatchEvalResult:
     """Evaluate ``cfg.embeddings`` (and ``cfg.gene_embeddings``); write the artifact."""
+    artifact_dir = os.path.splitext(cfg.embeddings)[0] + ".embeddings"  # stage 4's artifact
+    has_artifact = storage.is_file(storage.join(artifact_dir, artifacts.MANIFEST))
+    gene_embeddings = cfg.gene_embeddings
+    if gene_embeddings is None and storage.is_remote(artifact_dir) and has_artifact:
+        # in a bucket the gene table lies in the artifact's data prefix, named by its manifest
+        # (the config cannot probe a URI while it loads)
+        found = artifacts.data_files(artifact_dir, "genes.parquet")
+        gene_embeddings = found[0] if found else None
     paths = {"embeddings": cfg.embeddings}
-    if cfg.gene_embeddings:
-        paths["gene_embeddings"] = cfg.gene_embeddings
+    if gene_embeddings:
+        paths["gene_embeddings"] = gene_embeddings
     for name, p in paths.items():
         if not storage.exists(p):
             raise ValueError(f"{name}: {p} does not exist; run `cellfoundry embed` (stage 4) first")
     inputs, signatures = input_signatures(paths)
-    artifact_dir = os.path.splitext(cfg.embeddings)[0] + ".embeddings"  # stage 4's artifact
-    if storage.is_file(storage.join(artifact_dir, artifacts.MANIFEST)):
+    if has_artifact:
         inputs["embeddings_artifact"] = storage.normalize(artifact_dir)
     fp_config = {"config": config_to_dict(cfg), "input_files": signatures}
     fp = artifacts.fingerprint(KIND, fp_config, inputs)
@@ -159,10 +166,8 @@ def run_batch(cfg: BatchEvalConfig) -> BatchEvalResult:
     opts = {"max_pairs": cfg.max_pairs, "max_nn": cfg.max_nn, "seed": cfg.seed}
     cells, cell_sims = cell_metrics(emb, batches, labels, **opts)
     genes = gene_sims = None
-    if cfg.gene_embeddings:
-        g_emb, g_ids, g_groups = load_genes(
-            cfg.gene_embeddings, cfg.min_gene_cells, cfg.gene_groups
-        )
+    if gene_embeddings:
+        g_emb, g_ids, g_groups = load_genes(gene_embeddings, cfg.min_gene_cells, cfg.gene_groups)
         logger.info("gene embeddings: %d (gene, group) rows x %d dims", *g_emb.shape)
         genes, gene_sims = gene_metrics(g_emb, g_ids, g_groups, **opts)
     metrics = {"cells": cells, "genes": genes, "config": config_to_dict(cfg)}
