@@ -248,6 +248,16 @@ class MemorySampler(BackgroundLoop):
         return {p: {k: round(v, 1) for k, v in d.items()} for p, d in self.by_phase.items()}
 
 
+def refuse_imported(modules: Sequence[str]) -> None:
+    """Raise if a dry run imported any of ``modules``: the GPU image lacks them, so the dry
+    run would pass where the GPU run fails."""
+    import sys
+
+    leaked = [m for m in modules if sys.modules.get(m) is not None]
+    if leaked:
+        raise RuntimeError(f"the benchmark imported {leaked}: the GPU image lacks them")
+
+
 def format_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     """A plain fixed-width text table (numbers right-aligned)."""
 

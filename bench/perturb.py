@@ -53,6 +53,7 @@ from _common import (
     command_line,
     device_string,
     format_table,
+    refuse_imported,
     update_results_section,
     write_results,
 )
@@ -382,9 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [[k, v] for k, v in metrics.items() if not isinstance(v, str)]
     print(format_table(rows, ["metric", "value"]))
     if not cuda:
-        leaked = [mod for mod in HEAVY_MODULES if sys.modules.get(mod) is not None]
-        if leaked:
-            raise RuntimeError(f"the benchmark imported {leaked}: the GPU image lacks them")
+        refuse_imported(HEAVY_MODULES)
         path = write_results("perturb_dry", metrics, device=dev, results_dir=OUT_DIR)
         print(
             f"\ndry run (CPU, preset {args.preset}, not a result): {path.relative_to(BENCH_DIR.parent)}"

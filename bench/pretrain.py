@@ -77,6 +77,7 @@ from _common import (
     command_line,
     device_string,
     format_table,
+    refuse_imported,
     update_results_section,
     write_results,
 )
@@ -926,9 +927,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_table(results, base, peak)
 
     if dry:
-        leaked = [mod for mod in HEAVY_MODULES if sys.modules.get(mod) is not None]
-        if leaked:
-            raise RuntimeError(f"the benchmark imported {leaked}: the GPU image lacks them")
+        refuse_imported(HEAVY_MODULES)
         path = write_results("pretrain_dry", metrics, device=dev, results_dir=OUT_DIR)
         print(f"\ndry run (CPU, preset tiny, not a result): {path.relative_to(BENCH_DIR.parent)}")
         return 0

@@ -49,7 +49,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from _common import BENCH_DIR, OUT_DIR, command_line, device_string, format_table, write_results
+from _common import (
+    BENCH_DIR,
+    OUT_DIR,
+    command_line,
+    device_string,
+    format_table,
+    refuse_imported,
+    write_results,
+)
 
 LENGTHS = OUT_DIR / "pretrain_lengths.json"
 SPECIALS = {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3}
@@ -257,9 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  c{c}: p50 {p50:.1f} ms, p99 {p99:.1f} ms", flush=True)
     print(format_table(rows, ["callers", "requests", "p50 ms", "p99 ms", "req/s", "batch"]))
     if not cuda:
-        leaked = [mod for mod in HEAVY_MODULES if sys.modules.get(mod) is not None]
-        if leaked:
-            raise RuntimeError(f"the benchmark imported {leaked}: the GPU image lacks them")
+        refuse_imported(HEAVY_MODULES)
         path = write_results("serve_gpu_dry", metrics, device=dev, results_dir=OUT_DIR)
         print(f"\ndry run (CPU, not a result): {path.relative_to(BENCH_DIR.parent)}")
         return 0
