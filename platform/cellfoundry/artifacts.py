@@ -411,12 +411,6 @@ def _refuse_unwired(path: str | Path, kind: str | None, object_storage: bool) ->
         )
 
 
-def require_local(path: str | Path, stage: str) -> None:
-    """Raise :class:`ArtifactError` if ``path`` is an object-store URI (or one a local
-    path mangled): for a stage not wired to object storage yet, before it creates anything."""
-    _refuse_unwired(path, stage, object_storage=False)
-
-
 def holds_output(
     kind: str | None,
     path_of: Callable[..., str | Path | None],
