@@ -120,8 +120,9 @@ def test_perturb_job_equals_direct_and_resumes(
     )  # fmt: skip
     result = run_perturb(cfg)
     screen = pl.read_parquet(sorted((result.artifact / "screen").glob("*.parquet")))
-    # direct, in-process: same cells in shard order, the goal from the first 40 pbmc3k cells
-    e = Embedder(tiny_model, batch_size=16)
+    # direct, in-process: same cells in shard order, the goal from the first 40 pbmc3k cells;
+    # the job's defaults: Geneformer's metric, <cls> pooling on this V2 model, 2 controls
+    e = Embedder(tiny_model, batch_size=16, pooling="cls")
     pbmc3k = pa.concat_tables(
         select_cells(pq.read_table(f), {"dataset_id": ["pbmc3k"]}, None)
         for f in shards(pbmc_corpus)
@@ -129,14 +130,18 @@ def test_perturb_job_equals_direct_and_resumes(
     goal_vec = e.embed_cells(cells_of(pbmc3k.slice(0, 40))).mean(0)
     perts = [perturbation_from_genes(s["kind"], s["genes"], vocab) for s in specs]
     ids = [i for t in selected for i in t["cell_id"].to_pylist()]
-    direct = pl.from_arrow(perturb_cells(e, cells, perts, goal=goal_vec, cell_ids=ids))
-    assert screen.height == direct.height > 20
+    direct = pl.from_arrow(
+        perturb_cells(e, cells, perts, goal=goal_vec, cell_ids=ids, null_draws=2, seed=0)
+    )
+    assert screen.height == direct.height > 20 and screen["control"].sum() > 0
     assert screen["cell_id"].to_list() == direct["cell_id"].to_list()  # order preserved
     assert screen["perturbation"].to_list() == direct["perturbation"].to_list()
     for col in ("cell_cos", "goal_shift"):
         assert np.allclose(screen[col].to_numpy(), direct[col].to_numpy(), atol=ATOL)
     stats = pl.read_parquet(result.artifact / "stats.parquet")
     assert stats.height == 5 and set(stats["tested"]) == {"goal_shift"}
+    assert set(stats["test"]) == {"matched_controls"} and set(stats["metric"]) == {"geneformer"}
+    assert set(stats["emb_layer"]) == {-1} and set(stats["pooling"]) == {"cls"}
     assert stats["fdr"].is_between(0, 1).all() and (stats["fdr"] >= stats["pvalue"]).all()
     assert pl.read_parquet(result.artifact / "gene_stats.parquet").height > 0
     assert (result.artifact / "stats.png").is_file()

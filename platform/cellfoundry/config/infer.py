@@ -16,6 +16,33 @@ from cellfoundry.config.schema import ActorPoolConfig, RayConfig
 from cellfoundry.paths import expand
 
 KINDS = ("delete", "overexpress", "inhibit", "activate")
+METRICS = ("geneformer", "pooled")
+
+
+def resolve_layer_convention(layer: int | None, emb_layer: int | None) -> int:
+    """Our ``layer`` index from either convention (the table in :class:`PerturbJobConfig`);
+    neither given: -2, the second-to-last layer (Geneformer's ``emb_layer: -1``)."""
+    if layer is not None and emb_layer is not None:
+        raise ValueError(
+            f"give layer ({layer}, ours: -1 last, -2 second-to-last) or emb_layer ({emb_layer}, "
+            "Geneformer's: 0 last, -1 second-to-last), not both"
+        )
+    if emb_layer is not None:
+        if emb_layer > 0:
+            raise ValueError(
+                f"emb_layer {emb_layer}: Geneformer's emb_layer counts back from the last layer "
+                "(0 last, -1 second-to-last); for a layer counted from the first use layer"
+            )
+        return emb_layer - 1
+    return -2 if layer is None else layer
+
+
+def emb_layer_of(layer: int, num_layers: int | None = None) -> int | None:
+    """Geneformer's ``emb_layer`` of our ``layer`` (None for a layer counted from the first
+    when the model's depth is not known)."""
+    if layer < 0:
+        return layer + 1
+    return None if num_layers is None else layer - num_layers + 1
 
 
 def _local_or_uri(path: str) -> str:
@@ -90,8 +117,12 @@ class EmbedJobConfig:
     """The AnnData file to write (``.h5ad``, a path or ``s3://bucket/emb.h5ad``); gene
     embeddings, the UMAP and the manifest go into the artifact folder beside it,
     ``<output without .h5ad>.embeddings/``."""
-    layer: int = -2
-    """Layer whose output is used: -2 second-to-last (the seeds' default), -1 the last."""
+    layer: int | None = None
+    """Layer whose output is used, ours: -2 second-to-last (the default), -1 the last, 0 the
+    first. See ``emb_layer`` for Geneformer's convention (table: :class:`PerturbJobConfig`)."""
+    emb_layer: int | None = None
+    """The layer in Geneformer's convention (0 the last, -1 the second-to-last), instead of
+    ``layer``; read back as ``layer`` (``layer = emb_layer - 1``)."""
     pooling: Literal["mean", "cls"] = "mean"
     """Cell embedding: mean over gene tokens (specials excluded), or the <cls> state."""
     genes: bool = True
@@ -109,6 +140,7 @@ class EmbedJobConfig:
         self.model = _local_or_uri(self.model)
         self.tokenized = _local_or_uri(self.tokenized)
         self.output = _local_or_uri(self.output)
+        self.layer, self.emb_layer = resolve_layer_convention(self.layer, self.emb_layer), None
         if not self.output.endswith(".h5ad"):
             raise ValueError(f"output {self.output!r} must end with .h5ad")
         if self.max_cells is not None and self.max_cells < 1:
@@ -145,7 +177,31 @@ class GoalConfig:
 
 @dataclass
 class PerturbJobConfig:
-    """What ``cellfoundry perturb`` and ``jobs/perturb.py`` read."""
+    """What ``cellfoundry perturb`` and ``jobs/perturb.py`` read.
+
+    ``metric`` says what the cell shift ``cell_cos`` is:
+
+    - ``geneformer`` (the default; Geneformer's in-silico perturber): on a V2 model (its
+      vocabulary has ``<cls>``) the cosine of the perturbed and original ``<cls>``
+      embeddings; on a V1 model the mean, over the genes left in place, of each gene's
+      cosine between its original and perturbed contextual embeddings. An overexpression
+      that pushes the lowest-ranked genes out of a full cell is compared with the original
+      cut by as many genes (their loss is not the gene's effect). Genome-wide
+      overexpression skips each cell's top-ranked gene (a no-op).
+    - ``pooled``: the cosine of the pooled (``pooling``) perturbed and original cell
+      embeddings, overexpression compared with the whole original.
+
+    The layer: ``layer`` (ours) or ``emb_layer`` (Geneformer's), never both:
+
+    ============================  ============  =======================
+    output of                     layer (ours)  emb_layer (Geneformer)
+    ============================  ============  =======================
+    the last layer                -1            0
+    the second-to-last (default)  -2            -1
+    the k-th layer from the end   -k            1 - k
+    the first layer               0             1 - number of layers
+    ============================  ============  =======================
+    """
 
     model: str
     """A model directory (config.json + model.safetensors + token_dictionary.json), or a
@@ -162,15 +218,36 @@ class PerturbJobConfig:
     """Also perturb every gene each cell expresses, one at a time, with this kind."""
     fraction: float = 0.25
     """inhibit/activate move a gene by this share of the cell's ranks (a quartile)."""
-    layer: int = -2
-    pooling: Literal["mean", "cls"] = "mean"
+    metric: Literal["geneformer", "pooled"] = "geneformer"
+    """What the cell shift is (see above): ``geneformer`` (Geneformer's number) or
+    ``pooled`` (cosine of pooled cell embeddings, whole original for overexpression)."""
+    layer: int | None = None
+    """Layer whose output is used, ours: -2 second-to-last (the default), -1 the last."""
+    emb_layer: int | None = None
+    """The layer in Geneformer's convention (0 the last, -1 the second-to-last), instead of
+    ``layer``; read back as ``layer`` (``layer = emb_layer - 1``)."""
+    pooling: Literal["mean", "cls"] | None = None
+    """Cell embedding of the goal shift, and of the cell shift with ``metric: pooled``:
+    mean over gene tokens or the ``<cls>`` state; null: as Geneformer (``<cls>`` on a V2
+    model, mean on a V1 model) with ``metric: geneformer``, mean with ``metric: pooled``."""
     gene_shifts: bool = True
     """Per-gene embedding cosines of the genes left in place (large for genome-wide screens)."""
     goal: GoalConfig | None = None
     """Goal state for the goal shift; null: no goal shift (tests use the cell shift)."""
     null_screen: str | None = None
-    """A screen artifact (folder or URI) whose values are the null distribution; null:
-    pooled others."""
+    """A screen artifact (folder or URI) of the same perturbations in null conditions (e.g.
+    other cells, or an untrained model): each perturbation is tested against that screen's
+    values of the same perturbation (as Geneformer's ``isp_stats_vs_null``); null: against
+    ``null_draws`` rank-matched random genes per cell (targeted screens) or, in a genome-wide
+    screen, against every other gene (as Geneformer's goal-state statistics)."""
+    null_draws: int = 2
+    """Targeted screens without a null screen: per cell and perturbation, this many
+    controls, the same kind applied to random genes of the cell of about the same rank
+    (an unexpressed gene stands for an unexpressed one), seeded by ``seed``; they are the
+    perturbation's null (rows with ``control`` true). 0: no controls and no test."""
+    seed: int = 0
+    """Seed of the control genes' draws (per cell and perturbation, so the draws of one
+    perturbation do not depend on which others are listed)."""
     filter: dict[str, list[str]] = field(default_factory=dict)
     """Perturb only cells whose metadata column is one of the values, e.g.
     {cell_type: [CD14+ Monocyte]}."""
@@ -187,6 +264,11 @@ class PerturbJobConfig:
         self.output_dir = _local_or_uri(self.output_dir)
         if self.null_screen is not None:
             self.null_screen = _local_or_uri(self.null_screen)
+        self.layer, self.emb_layer = resolve_layer_convention(self.layer, self.emb_layer), None
+        if self.metric not in METRICS:
+            raise ValueError(f"metric {self.metric!r}: use geneformer or pooled")
+        if self.null_draws < 0:
+            raise ValueError("null_draws must be >= 0 (0: no control perturbations)")
         if not self.perturbations and self.genome_wide is None:
             raise ValueError(
                 "give perturbations: [{kind: delete, genes: [ENSG...]}] or genome_wide: delete"

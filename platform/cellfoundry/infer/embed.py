@@ -8,7 +8,8 @@ from Ray Serve), runs the encoder only up to the chosen layer, and pools:
 - contextual gene embeddings: each gene token's state in its cell.
 
 Layers are indexed like Python lists of layer outputs: -1 the last, -2 the second-to-last
-(the default, as in the Geneformer seeds), 0 the first.
+(the default, as in the Geneformer seeds), 0 the first; ``Embedder.emb_layer`` is the same
+layer in Geneformer's convention (``emb_layer``: 0 the last, -1 the second-to-last).
 """
 
 from __future__ import annotations
@@ -109,6 +110,8 @@ class Embedder:
         config = model.config
         self.n_layers = resolve_layer(layer, config.num_hidden_layers)
         self.layer, self.pooling = layer, pooling
+        # Geneformer's emb_layer of the same layer (0 the last, -1 the second-to-last)
+        self.emb_layer = self.n_layers - int(config.num_hidden_layers)
         self.batch_size, self.max_tokens = batch_size, max_tokens
         self.max_length = int(config.max_position_embeddings)
         self.vocab_size = int(config.vocab_size)

@@ -1,9 +1,23 @@
 """Batched in-silico perturbation: many cells x many perturbations per forward pass.
 
-For every (cell, perturbation) it reports the cosine similarity of the perturbed and the
-original cell embedding, optionally the shift toward a goal state (cos(perturbed, goal) -
-cos(original, goal)), and for the genes left in place the cosine of their contextual
-embeddings before and after (positions re-aligned after a deletion or a move).
+For every (cell, perturbation) it reports the cell shift ``cell_cos``, optionally the shift
+toward a goal state (cos(perturbed, goal) - cos(original, goal), on the embedder's pooled
+cell embeddings), and for the genes left in place the cosine of their contextual embeddings
+before and after (positions re-aligned after a deletion or a move). ``metric`` says what
+``cell_cos`` is:
+
+- ``geneformer`` (the default, Geneformer's perturber): V2 models (a ``<cls>`` token): the
+  cosine of the original and perturbed ``<cls>`` states; V1 models: the mean over the genes
+  left in place of their per-gene cosines. An overexpression that pushes ``k`` genes out of
+  a full cell is compared with the original cut by its last ``k`` genes (run as such).
+- ``pooled``: the cosine of the pooled cell embeddings (the embedder's ``pooling``), an
+  overexpression compared with the whole original.
+
+Genome-wide overexpression skips each cell's top-ranked gene (a no-op). With ``null_draws``,
+each listed perturbation that applies to a cell also gets that many controls there (rows
+with ``control`` true, under the perturbation's label): the same kind on random genes of
+about the same ranks, seeded per (cell, perturbation), so a perturbation's null does not
+depend on which other perturbations are listed.
 
 Work saved against the one-cell-at-a-time reference: each original cell runs once (not
 once per perturbation); the encoder stops at the layer the embedding comes from (no MLM
@@ -14,19 +28,29 @@ after sorting by length (little padding). No Ray here: Ray Data and Ray Serve ca
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from cellfoundry.infer.embed import Embedder
-from cellfoundry.infer.perturb_ops import Perturbation, apply
+from cellfoundry.infer.perturb_ops import Perturbation, apply, matched_control, overflow
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RESULT_SCHEMA", "Perturbation", "iter_perturb_cells", "perturb_cells"]
+__all__ = [
+    "METRICS",
+    "RESULT_SCHEMA",
+    "Perturbation",
+    "iter_perturb_cells",
+    "perturb_cells",
+    "result_metadata",
+]
+
+METRICS = ("geneformer", "pooled")
 
 RESULT_SCHEMA = pa.schema(
     [
@@ -40,19 +64,65 @@ RESULT_SCHEMA = pa.schema(
         ("goal_shift", pa.float32()),
         ("gene_token_ids", pa.list_(pa.int32())),
         ("gene_cos", pa.list_(pa.float32())),
+        ("control", pa.bool_()),
     ]
 )
 """One row per (cell, perturbation) that applied, in input cell order then perturbation
-order; ``goal_shift`` is null without a goal, the gene lists are empty without gene shifts."""
+order, each followed by its controls (``control`` true: the perturbation's label, the
+control's genes in ``perturbed_token_ids``); ``goal_shift`` is null without a goal, the
+gene lists are empty without gene shifts. Tables carry :func:`result_metadata`."""
+
+
+def result_metadata(embedder: Embedder, metric: str) -> dict[str, str]:
+    """What a result was computed with (the schema metadata of its tables): ``metric``,
+    ``layer`` (ours), ``emb_layer`` (Geneformer's), ``pooling`` (goal shift, and cell shift
+    with ``metric="pooled"``), ``cell_embedding`` (what ``cell_cos`` compares) and
+    ``overexpress_original``."""
+    v2 = embedder.cls_id is not None
+    if metric == "geneformer":
+        cell = "<cls> state" if v2 else "mean of per-gene cosines of the genes left in place"
+        original = "cut by the genes pushed out"
+    else:
+        cell = f"{embedder.pooling} pooled embedding"
+        original = "whole"
+    return {
+        "metric": metric,
+        "layer": str(embedder.layer),
+        "emb_layer": str(embedder.emb_layer),
+        "pooling": embedder.pooling,
+        "cell_embedding": cell,
+        "overexpress_original": original,
+    }
 
 
 @dataclass
 class _Job:
-    cell: int  # index in the chunk
-    p: Perturbation
+    cell: int  # index of the cell in the chunk
+    orig: int  # index of the original sequence it is compared with
+    p: Perturbation  # the genes perturbed (a control's random genes)
+    label: str  # the listed perturbation's label (also on its controls)
+    control: bool
     seq: np.ndarray  # perturbed token ids
     src: np.ndarray  # original gene rank of each new gene, -1 if inserted
     moved: np.ndarray  # bool per new gene: one of the perturbed genes
+
+
+@dataclass
+class _Plan:
+    """What to do to every cell (fixed over a call)."""
+
+    perturbations: Sequence[Perturbation]
+    genome_wide: str | None
+    fraction: float
+    metric: str
+    null_draws: int
+    seed: int
+    names: dict[int, str]
+    candidates: np.ndarray  # gene token ids (controls of unexpressed genes)
+    labels: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.labels = [p.label(self.names) for p in self.perturbations]
 
 
 def _split(e: Embedder, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -62,24 +132,52 @@ def _split(e: Embedder, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     return ids[:head], ids[head : len(ids) - tail], ids[len(ids) - tail :]
 
 
+def _control_rng(seed: int, label: str, cell_key: str) -> np.random.Generator:
+    """A generator per (seed, perturbation, cell): its draws do not depend on the others."""
+    return np.random.default_rng([seed, zlib.crc32(label.encode()), zlib.crc32(cell_key.encode())])
+
+
 def _jobs(
-    e: Embedder, c: int, ids: np.ndarray, perturbations: Sequence[Perturbation],
-    genome_wide: str | None, fraction: float,
+    e: Embedder, plan: _Plan, c: int, ids: np.ndarray, cell_key: str, cuts: list[np.ndarray],
+    cut_index: dict[tuple[int, int], int],
 ) -> list[_Job]:  # fmt: skip
-    """The perturbed sequences of cell ``c`` (prepared ids ``ids``)."""
+    """The perturbed sequences of cell ``c`` (prepared ids ``ids``). An overexpression
+    compared with a cut original appends that original to ``cuts`` (once per cell and cut)
+    and refers to it as ``orig = -1 - its index`` (cells are ``orig >= 0``)."""
     head, genes, tail = _split(e, ids)
     max_genes = e.max_length - len(head) - len(tail)
-    todo = list(perturbations)
-    if genome_wide is not None:
-        todo += [Perturbation(genome_wide, (int(g),)) for g in genes]  # type: ignore[arg-type]
+    todo = [(p, label, False) for p, label in zip(plan.perturbations, plan.labels, strict=True)]
+    if plan.genome_wide is not None:
+        # overexpressing the top-ranked gene leaves the cell as it is: no row
+        skip = 1 if plan.genome_wide == "overexpress" else 0
+        for g in genes[skip:]:
+            p = Perturbation(plan.genome_wide, (int(g),))  # type: ignore[arg-type]
+            todo.append((p, p.label(plan.names), False))
     jobs = []
-    for p in todo:
-        out = apply(genes, p, fraction=fraction, max_genes=max_genes)
-        if out is not None:
+    for i, (p, label, _) in enumerate(todo):
+        variants = [(p, False)]
+        if i < len(plan.perturbations) and plan.null_draws:
+            rng = _control_rng(plan.seed, label, cell_key)
+            for _ in range(plan.null_draws):
+                q = matched_control(genes, p, rng, candidates=plan.candidates)
+                if q is not None:
+                    variants.append((q, True))
+        for k, (q, control) in enumerate(variants):
+            out = apply(genes, q, fraction=plan.fraction, max_genes=max_genes)
+            if out is None:
+                if k == 0:
+                    break  # the perturbation does not apply here: no controls either
+                continue
             new, src = out
-            jobs.append(
-                _Job(c, p, np.concatenate([head, new, tail]), src, np.isin(new, p.token_ids))
-            )
+            orig = c
+            n_out = overflow(genes, q, max_genes) if plan.metric == "geneformer" else 0
+            if n_out:
+                if (c, n_out) not in cut_index:
+                    cut_index[(c, n_out)] = len(cuts)
+                    cuts.append(np.concatenate([head, genes[: len(genes) - n_out], tail]))
+                orig = -1 - cut_index[(c, n_out)]
+            seq = np.concatenate([head, new, tail])
+            jobs.append(_Job(c, orig, q, label, control, seq, src, np.isin(new, q.token_ids)))
     return jobs
 
 
@@ -88,15 +186,27 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _run_chunk(
-    e: Embedder, seqs: list[np.ndarray], jobs: list[_Job], goal: torch.Tensor | None,
-    gene_shifts: bool,
+    e: Embedder, origs: list[np.ndarray], jobs: list[_Job], goal: torch.Tensor | None,
+    gene_shifts: bool, metric: str,
 ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], list[np.ndarray]]:  # fmt: skip
     """Cell cosines, goal shifts and per-job (gene ids, gene cosines) for one chunk."""
-    orig_emb = torch.zeros(len(seqs), e.hidden_size, device=e.device)
-    orig_hidden: list[torch.Tensor | None] = [None] * len(seqs)
-    for b in e.encode(seqs):
-        orig_emb[torch.as_tensor(b.index, device=e.device)] = e.pool(b)
-        if gene_shifts:
+    cls_metric = metric == "geneformer" and e.cls_id is not None
+    genes_metric = metric == "geneformer" and e.cls_id is None  # V1: mean of gene cosines
+    if cls_metric and not all(len(s) and s[0] == e.cls_id for s in origs):
+        raise ValueError(
+            "metric 'geneformer' on a V2 model compares <cls> states, and a cell has no <cls> "
+            "first: tokenize the cells with the model's V2 layout, or use metric 'pooled'"
+        )
+    need_hidden = gene_shifts or genes_metric
+    orig_emb = torch.zeros(len(origs), e.hidden_size, device=e.device)
+    orig_cls = torch.zeros(len(origs), e.hidden_size, device=e.device)
+    orig_hidden: list[torch.Tensor | None] = [None] * len(origs)
+    for b in e.encode(origs):
+        rows = torch.as_tensor(b.index, device=e.device)
+        orig_emb[rows] = e.pool(b)
+        if cls_metric:
+            orig_cls[rows] = b.hidden[:, 0].float()
+        if need_hidden:
             for r, i in enumerate(b.index):
                 orig_hidden[i] = b.hidden[r, : b.lengths[r]].float()
     cell_cos = np.zeros(len(jobs), dtype=np.float32)
@@ -104,14 +214,17 @@ def _run_chunk(
     gene_ids: list[np.ndarray] = [np.zeros(0, np.int32)] * len(jobs)
     gene_cos: list[np.ndarray] = [np.zeros(0, np.float32)] * len(jobs)
     for b in e.encode([j.seq for j in jobs]):
-        cells = torch.as_tensor([jobs[i].cell for i in b.index], device=e.device)
+        origin = torch.as_tensor([jobs[i].orig for i in b.index], device=e.device)
         emb = e.pool(b)  # (rows, hidden)
-        base = orig_emb[cells]
-        cell_cos[b.index] = _cos(emb, base).cpu().numpy()
+        base = orig_emb[origin]
+        if cls_metric:
+            cell_cos[b.index] = _cos(b.hidden[:, 0].float(), orig_cls[origin]).cpu().numpy()
+        elif not genes_metric:
+            cell_cos[b.index] = _cos(emb, base).cpu().numpy()
         if goal is not None:
             shift = _cos(emb, goal[None]) - _cos(base, goal[None])
             goal_shift[b.index] = shift.cpu().numpy()
-        if not gene_shifts:
+        if not need_hidden:
             continue
         for r, i in enumerate(b.index):
             job = jobs[i]
@@ -120,9 +233,13 @@ def _run_chunk(
             new_pos = torch.as_tensor(keep + offset, device=e.device)
             old_pos = torch.as_tensor(job.src[keep] + offset, device=e.device)
             h_new = b.hidden[r].float().index_select(0, new_pos)
-            h_old = orig_hidden[job.cell].index_select(0, old_pos)  # type: ignore[union-attr]
-            gene_ids[i] = job.seq[keep + offset].astype(np.int32)
-            gene_cos[i] = _cos(h_new, h_old).cpu().numpy().astype(np.float32)
+            h_old = orig_hidden[job.orig].index_select(0, old_pos)  # type: ignore[union-attr]
+            cos = _cos(h_new, h_old).cpu().numpy().astype(np.float32)
+            if genes_metric:  # no gene left in place: no shift to average (NaN)
+                cell_cos[i] = cos.mean(dtype=np.float64) if len(cos) else np.nan
+            if gene_shifts:
+                gene_ids[i] = job.seq[keep + offset].astype(np.int32)
+                gene_cos[i] = cos
     return cell_cos, goal_shift, gene_ids, gene_cos
 
 
@@ -136,6 +253,9 @@ def iter_perturb_cells(
     goal: np.ndarray | None = None,
     gene_shifts: bool = True,
     cell_ids: Sequence[str] | None = None,
+    metric: str = "geneformer",
+    null_draws: int = 0,
+    seed: int = 0,
     max_sequences: int = 2048,
     progress: bool = False,
 ) -> Iterator[pa.Table]:
@@ -148,6 +268,10 @@ def iter_perturb_cells(
         raise ValueError("nothing to do: give perturbations, or genome_wide (a kind) for a screen")
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction {fraction}: the share of a cell's ranks to move, in (0, 1]")
+    if metric not in METRICS:
+        raise ValueError(f"metric {metric!r}: use 'geneformer' or 'pooled'")
+    if null_draws < 0:
+        raise ValueError(f"null_draws {null_draws}: controls per cell and perturbation, >= 0")
     if cell_ids is not None and len(cell_ids) != len(cells):
         raise ValueError(f"{len(cell_ids)} cell_ids for {len(cells)} cells")
     goal_t = None
@@ -157,24 +281,35 @@ def iter_perturb_cells(
             raise ValueError(
                 f"goal has shape {tuple(goal_t.shape)}, expected ({embedder.hidden_size},)"
             )
-    names = {v: k for k, v in embedder.token_dictionary.items()}
+    vocab = embedder.token_dictionary
+    names = {v: k for k, v in vocab.items()}
+    genes = np.array(sorted(v for k, v in vocab.items() if not k.startswith("<")), np.int64)
+    plan = _Plan(perturbations, genome_wide, fraction, metric, null_draws, seed, names, genes)
+    meta = result_metadata(embedder, metric)
     bar = tqdm(total=len(cells), unit="cell", desc="perturb", disable=not progress)
     start = 0
     while start < len(cells):
         seqs: list[np.ndarray] = []
+        cuts: list[np.ndarray] = []
+        cut_index: dict[tuple[int, int], int] = {}
         jobs: list[_Job] = []
         while start + len(seqs) < len(cells) and max(len(jobs), len(seqs)) < max_sequences:
             c = len(seqs)
             seqs.append(embedder.prepare(cells[start + c]))
-            jobs += _jobs(embedder, c, seqs[-1], perturbations, genome_wide, fraction)
-        yield _table(embedder, seqs, jobs, start, goal_t, gene_shifts, cell_ids, names)
+            key = str(cell_ids[start + c]) if cell_ids is not None else str(start + c)
+            jobs += _jobs(embedder, plan, c, seqs[-1], key, cuts, cut_index)
+        for j in jobs:  # cut originals run after the cells
+            j.orig = j.orig if j.orig >= 0 else len(seqs) - 1 - j.orig
+        table = _table(embedder, seqs, seqs + cuts, jobs, start, goal_t, gene_shifts, cell_ids,
+                       metric)  # fmt: skip
+        yield table.replace_schema_metadata(meta)
         start += len(seqs)
         bar.update(len(seqs))
     bar.close()
 
 
-def _table(e, seqs, jobs, start, goal, gene_shifts, cell_ids, names) -> pa.Table:  # type: ignore[no-untyped-def]
-    cos, shift, gids, gcos = _run_chunk(e, seqs, jobs, goal, gene_shifts)
+def _table(e, seqs, origs, jobs, start, goal, gene_shifts, cell_ids, metric) -> pa.Table:  # type: ignore[no-untyped-def]
+    cos, shift, gids, gcos = _run_chunk(e, origs, jobs, goal, gene_shifts, metric)
     idx = np.array([start + j.cell for j in jobs], dtype=np.int64)
     return pa.table(
         {
@@ -183,16 +318,17 @@ def _table(e, seqs, jobs, start, goal, gene_shifts, cell_ids, names) -> pa.Table
                 [cell_ids[i] for i in idx] if cell_ids is not None else [None] * len(idx),
                 pa.string(),
             ),
-            "perturbation": pa.array([j.p.label(names) for j in jobs], pa.string()),
+            "perturbation": pa.array([j.label for j in jobs], pa.string()),
             "kind": pa.array([j.p.kind for j in jobs], pa.string()),
             "perturbed_token_ids": pa.array(
                 [list(j.p.token_ids) for j in jobs], pa.list_(pa.int32())
             ),
             "n_genes": pa.array([len(_split(e, seqs[j.cell])[1]) for j in jobs], pa.int32()),
-            "cell_cos": pa.array(cos, pa.float32()),
+            "cell_cos": pa.array(cos, pa.float32(), from_pandas=True),
             "goal_shift": pa.array(shift, pa.float32(), from_pandas=True),
             "gene_token_ids": pa.array(gids, pa.list_(pa.int32())),
             "gene_cos": pa.array(gcos, pa.list_(pa.float32())),
+            "control": pa.array([j.control for j in jobs], pa.bool_()),
         },
         schema=RESULT_SCHEMA,
     )
@@ -207,8 +343,12 @@ def perturb_cells(
     """Apply each perturbation (or, with ``genome_wide="delete"`` etc., each expressed gene
     singly) to each cell; one :data:`RESULT_SCHEMA` row per (cell, perturbation) that
     applied, in input order. ``fraction``: ranks moved by inhibit/activate (share of the
-    cell's genes); ``goal``: (hidden,) goal-state embedding; ``gene_shifts``: also the
-    per-gene cosines; ``cell_ids``: IDs to carry; ``max_sequences``: perturbed sequences
+    cell's genes); ``goal``: (hidden,) goal-state embedding (pooled as the embedder pools);
+    ``gene_shifts``: also the per-gene cosines; ``cell_ids``: IDs to carry; ``metric``:
+    ``"geneformer"`` or ``"pooled"`` (see the module docstring); ``null_draws``: controls per
+    (cell, listed perturbation), drawn with ``seed``; ``max_sequences``: perturbed sequences
     held at once; ``progress``: a tqdm bar. See :func:`iter_perturb_cells`."""
     tables = list(iter_perturb_cells(embedder, cells, perturbations, **kwargs))  # type: ignore[arg-type]
-    return pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table()
+    if not tables:
+        return RESULT_SCHEMA.empty_table()
+    return pa.concat_tables(tables).replace_schema_metadata(tables[0].schema.metadata)

@@ -8,6 +8,13 @@ under ``<output_dir>.work/<fingerprint>/``: memory stays bounded, and a rerun sk
 shards already finished. The driver then assembles the ``screen`` artifact: the shards,
 ``stats.parquet`` (tests + FDR), ``gene_stats.parquet`` and ``stats.png``.
 
+What the numbers mean is recorded everywhere they go: the manifest's provenance, the
+``metric`` / ``layer`` / ``emb_layer`` / ``pooling`` columns of ``stats.parquet`` and the
+schema metadata of every shard (:func:`~cellfoundry.infer.perturb.result_metadata`). A
+targeted screen runs ``null_draws`` controls per cell and perturbation unless a
+``null_screen`` is given; ``stats.parquet`` tests each perturbation against its own null
+(:func:`~cellfoundry.infer.stats.screen_stats`).
+
 On object storage (``s3://``) nothing is shared but the store: actors, on any node, read
 their shard and load the model by URI (with the driver's storage settings, see
 :mod:`cellfoundry.train.storage_env`) and write their results to the work prefix
@@ -20,6 +27,7 @@ and uploads everything at the commit.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -38,7 +46,7 @@ import pyarrow.parquet as pq
 
 from cellfoundry import artifacts, storage
 from cellfoundry.artifacts import fingerprint, holds_output, reusable, write_artifact
-from cellfoundry.config.infer import PerturbJobConfig
+from cellfoundry.config.infer import PerturbJobConfig, emb_layer_of
 from cellfoundry.config.loader import config_to_dict, load_config
 from cellfoundry.infer.common import (
     POOL_FIELDS,
@@ -100,7 +108,7 @@ class PerturbShards:
         return {"result": np.array([json.dumps(r) for r in results], dtype=object)}
 
     def process(self, src: str, dst: str) -> dict[str, Any]:
-        from cellfoundry.infer.perturb import RESULT_SCHEMA, iter_perturb_cells
+        from cellfoundry.infer.perturb import RESULT_SCHEMA, iter_perturb_cells, result_metadata
 
         c = self.cfg
         table = select_cells(read_table(src), c.filter, c.max_cells)
@@ -115,10 +123,12 @@ class PerturbShards:
             Path(tmp_path).parent.mkdir(parents=True, exist_ok=True)
         rows = done = 0
         try:
-            with pq.ParquetWriter(tmp_path, RESULT_SCHEMA, filesystem=fs) as writer:
+            schema = RESULT_SCHEMA.with_metadata(result_metadata(self.embedder, c.metric))
+            with pq.ParquetWriter(tmp_path, schema, filesystem=fs) as writer:
                 for part in iter_perturb_cells(
                     self.embedder, cells, self.perturbations, genome_wide=c.genome_wide,
                     fraction=c.fraction, goal=self.goal, gene_shifts=c.gene_shifts, cell_ids=ids,
+                    metric=c.metric, null_draws=control_draws(c), seed=c.seed,
                     max_sequences=c.max_sequences,
                 ):  # fmt: skip
                     writer.write_table(part)
@@ -137,6 +147,51 @@ class PerturbShards:
         finally:
             storage.delete_file(tmp)
         return {"src": src, "cells": len(cells), "rows": rows}
+
+
+def control_draws(cfg: PerturbJobConfig) -> int:
+    """Controls per cell and listed perturbation: none when a null screen is the null."""
+    return 0 if cfg.null_screen is not None else cfg.null_draws
+
+
+def resolved(cfg: PerturbJobConfig, vocab: dict[str, int]) -> PerturbJobConfig:
+    """``cfg`` with ``pooling`` decided for the model (``vocab``): null becomes ``cls`` for a
+    V2 model (it has ``<cls>``) with ``metric: geneformer``, else ``mean``."""
+    if cfg.pooling is not None:
+        if cfg.pooling == "cls" and "<cls>" not in vocab:
+            raise ValueError("pooling 'cls' needs a <cls> token; this is a V1 model: use mean")
+        return cfg
+    v2 = "<cls>" in vocab
+    return dataclasses.replace(cfg, pooling="cls" if v2 and cfg.metric == "geneformer" else "mean")
+
+
+def what_was_computed(cfg: PerturbJobConfig, vocab: dict[str, int]) -> dict[str, Any]:
+    """The metric, layer (both conventions), pooling and null of a screen (resolved ``cfg``)."""
+    from cellfoundry.model.checkpoint import local_dir
+
+    config = local_dir(cfg.model) / "config.json"  # the driver has the model's copy by now
+    layers = json.loads(config.read_text()).get("num_hidden_layers") if config.is_file() else None
+    v2 = "<cls>" in vocab
+    if cfg.metric == "geneformer":
+        cell = "<cls> state" if v2 else "mean of per-gene cosines of the genes left in place"
+    else:
+        cell = f"{cfg.pooling} pooled embedding"
+    if cfg.null_screen is not None:
+        null = "null_screen"
+    elif cfg.perturbations and cfg.null_draws:
+        null = "matched_controls"
+    else:
+        null = "other_genes" if cfg.genome_wide is not None else "none"
+    return {
+        "metric": cfg.metric,
+        "layer": cfg.layer,
+        "emb_layer": emb_layer_of(cfg.layer, layers),  # type: ignore[arg-type]
+        "pooling": cfg.pooling,
+        "cell_embedding": cell,
+        "overexpress_original": "cut" if cfg.metric == "geneformer" else "whole",
+        "null": null,
+        "null_draws": control_draws(cfg),
+    }
 
 
 def goal_embedding(cfg: PerturbJobConfig) -> np.ndarray | None:
@@ -201,10 +256,12 @@ def run_perturb(cfg: PerturbJobConfig) -> PerturbResult:
     from cellfoundry.runtime import configure_data_context
 
     files = shard_files(cfg.tokenized)
-    config = {**config_to_dict(cfg), "model_signature": model_signature(cfg.model)}
     vocab = load_token_dictionary_for(cfg.model) or {}
     for spec in cfg.perturbations:  # unknown genes fail here, not inside an actor
         perturbation_from_genes(spec.kind, spec.genes, vocab)
+    cfg = resolved(cfg, vocab)  # the pooling the actors and the goal use, in the fingerprint
+    computed = what_was_computed(cfg, vocab)
+    config = {**config_to_dict(cfg), "model_signature": model_signature(cfg.model)}
     config.pop("ray")
     for key in (*POOL_FIELDS, "num_cpus", "batch_size"):  # where it runs, not what it computes
         config["compute"].pop(key)
@@ -243,11 +300,9 @@ def run_perturb(cfg: PerturbJobConfig) -> PerturbResult:
         for r in ds.take_all():
             logger.info("screen shard done: %s", r["result"])
     with write_artifact(out, "screen", config, inputs) as w:
-        counts = _assemble(cfg, [i["dst"] for i in items], w.dir)
+        counts = _assemble(cfg, [i["dst"] for i in items], w.dir, computed)
         w.counts = counts
-        w.extra = {
-            "provenance": provenance(cfg.model, cfg.tokenized, layer=cfg.layer, pooling=cfg.pooling)
-        }
+        w.extra = {"provenance": provenance(cfg.model, cfg.tokenized, **computed)}
     _remove_work(work_root)
     return PerturbResult(out, counts)
 
@@ -269,9 +324,12 @@ def _remove_work(work_root: str) -> None:
         root.rmdir()
 
 
-def _assemble(cfg: PerturbJobConfig, parts: list[str], dest: Path) -> dict[str, int]:
+def _assemble(
+    cfg: PerturbJobConfig, parts: list[str], dest: Path, computed: dict[str, Any]
+) -> dict[str, int]:
     """Shards (paths or URIs) into ``dest/screen`` (local: the artifact's temp folder or
-    staging folder), then the statistics and the plot."""
+    staging folder), then the statistics (with what was computed: ``computed``'s metric,
+    layers and pooling as columns) and the plot."""
     from cellfoundry.infer.stats import gene_shift_stats, plot_stats, screen_stats
     from cellfoundry.model import load_token_dictionary_for
 
@@ -288,7 +346,13 @@ def _assemble(cfg: PerturbJobConfig, parts: list[str], dest: Path) -> dict[str, 
             shutil.copy2(p, screen / name)
     lf = pl.scan_parquet([str(screen / name) for name in names])
     null = _null_values(cfg.null_screen, cfg.goal is not None) if cfg.null_screen else None
-    stats = screen_stats(lf, null=null)
+    stats = screen_stats(lf, null=null, genome_wide=cfg.genome_wide is not None)
+    stats = stats.with_columns(
+        pl.lit(computed["metric"]).alias("metric"),
+        pl.lit(computed["layer"], pl.Int64).alias("layer"),
+        pl.lit(computed["emb_layer"], pl.Int64).alias("emb_layer"),
+        pl.lit(computed["pooling"]).alias("pooling"),
+    )
     stats.write_parquet(dest / "stats.parquet")
     names = {v: k for k, v in (load_token_dictionary_for(cfg.model) or {}).items()}
     genes = gene_shift_stats(lf, names) if cfg.gene_shifts else None
@@ -296,10 +360,13 @@ def _assemble(cfg: PerturbJobConfig, parts: list[str], dest: Path) -> dict[str, 
         genes.write_parquet(dest / "gene_stats.parquet")
     if stats.height:
         plot_stats(stats, dest / "stats.png")
-    rows = lf.select(pl.len()).collect().item()
-    cells = lf.select(pl.col("cell_id").n_unique()).collect().item() if rows else 0
+    control = pl.col("control").fill_null(False)
+    rows, controls = lf.select(pl.len(), control.sum()).collect().row(0)
+    real = lf.filter(~control)
+    cells = real.select(pl.col("cell_id").n_unique()).collect().item() if rows else 0
     return {
-        "rows": int(rows),
+        "rows": int(rows - (controls or 0)),
+        "control_rows": int(controls or 0),
         "cells_perturbed": int(cells),
         "perturbations": int(stats.height),
         "shards": len(parts),
@@ -307,20 +374,26 @@ def _assemble(cfg: PerturbJobConfig, parts: list[str], dest: Path) -> dict[str, 
     }
 
 
-def _null_values(path: str, goal: bool) -> np.ndarray:
-    """The tested values of a null screen artifact (goal shifts, or cell shifts), a folder
-    or a URI (then only the shards its manifest lists, and only the tested column)."""
+def _null_values(path: str, goal: bool) -> pl.DataFrame:
+    """``perturbation``, ``value``: the tested values (goal shifts, or cell shifts) of a null
+    screen artifact's perturbations, controls left out; a folder or a URI (then only the
+    shards its manifest lists, and only the columns needed)."""
     col = pl.col("goal_shift") if goal else 1.0 - pl.col("cell_cos").cast(pl.Float64)
     if storage.is_remote(path):
-        column = "goal_shift" if goal else "cell_cos"
         files = artifacts.data_files(path, "screen/*.parquet")
         if not files:
             raise ValueError(f"null_screen: {path} lists no screen/*.parquet shards")
         fs, paths = shard_source(files)
-        lf = pl.from_arrow(pq.read_table(paths, filesystem=fs, columns=[column])).lazy()
+        names = pq.read_schema(paths[0], filesystem=fs).names
+        columns = ["perturbation", "goal_shift" if goal else "cell_cos"]
+        columns += ["control"] if "control" in names else []
+        lf = pl.from_arrow(pq.read_table(paths, filesystem=fs, columns=columns)).lazy()
     else:
         lf = pl.scan_parquet(str(Path(path) / "screen" / "*.parquet"))
-    return lf.select(col.alias("v")).drop_nulls().collect()["v"].to_numpy()
+    if "control" in lf.collect_schema().names():
+        lf = lf.filter(~pl.col("control").fill_null(False))
+    out = lf.select("perturbation", col.cast(pl.Float64).alias("value")).collect()
+    return out.filter(pl.col("value").is_not_null() & pl.col("value").is_not_nan())
 
 
 def run_perturb_job(

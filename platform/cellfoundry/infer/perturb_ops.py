@@ -16,6 +16,10 @@ gene that was not in the cell), which re-aligns contextual embeddings afterwards
 
 ``delete``, ``inhibit`` and ``activate`` apply only to cells expressing every gene of the
 perturbation (other cells give no result); ``overexpress`` applies to every cell.
+
+:func:`overflow` counts the genes an overexpression pushes out of a full cell (Geneformer
+compares with the original cut by as many); :func:`matched_control` draws a perturbation's
+null in one cell: the same kind on random genes of about the same ranks.
 """
 
 from __future__ import annotations
@@ -103,6 +107,48 @@ def apply(
         keys[where] = np.maximum(where - s, 0) - 0.5 + order
     src = np.argsort(keys, kind="stable")
     return genes[src], src
+
+
+def overflow(genes: np.ndarray, p: Perturbation, max_genes: int | None) -> int:
+    """Lowest-ranked genes that overexpressing ``p`` pushes out of a cell of ``genes`` capped
+    at ``max_genes``: the cell's genes plus the inserted (unexpressed) ones, less the cap,
+    and never below 0; 0 for the other kinds (nothing is added)."""
+    if p.kind != "overexpress" or max_genes is None:
+        return 0
+    inserted = int((_positions(genes, np.asarray(p.token_ids, dtype=genes.dtype)) < 0).sum())
+    return max(0, len(genes) + inserted - max_genes)
+
+
+def matched_control(
+    genes: np.ndarray,
+    p: Perturbation,
+    rng: np.random.Generator,
+    *,
+    candidates: np.ndarray,
+    window: float = 0.05,
+) -> Perturbation | None:
+    """A null for ``p`` in this cell: the same kind applied to random genes, each perturbed
+    gene replaced by a gene of the cell within ``max(1, round(window x n))`` ranks of it
+    (``n`` genes), an unexpressed one by a random gene of ``candidates`` the cell does not
+    express; all distinct and none of ``p``'s genes. None where no such gene is left."""
+    n = len(genes)
+    targets = np.asarray(p.token_ids, dtype=genes.dtype)
+    where = _positions(genes, targets)
+    w = max(1, round(window * n))
+    taken = set(int(t) for t in targets)
+    out: list[int] = []
+    for r in where:
+        if r >= 0:
+            pool = genes[max(0, r - w) : min(n, r + w + 1)]
+        else:
+            pool = np.setdiff1d(candidates, genes, assume_unique=False)
+        pool = pool[~np.isin(pool, np.fromiter(taken, dtype=np.int64, count=len(taken)))]
+        if len(pool) == 0:
+            return None
+        g = int(pool[int(rng.integers(len(pool)))])
+        taken.add(g)
+        out.append(g)
+    return Perturbation(p.kind, tuple(out))
 
 
 def _positions(genes: np.ndarray, targets: np.ndarray) -> np.ndarray:

@@ -1,12 +1,15 @@
 """Screen statistics: per-perturbation summaries, rank-sum tests with Benjamini-Hochberg FDR,
 and gene-embedding shift summaries (polars + NumPy).
 
-The test compares each perturbation's per-cell values (the goal-state shift when the screen
-had a goal, else the cell shift ``1 - cell_cos``) with either the pooled values of every
-other perturbation or a separate null run's values: a two-sided Wilcoxon rank-sum
-(Mann-Whitney U) test, normal approximation with tie correction and no continuity
-correction (``scipy.stats.mannwhitneyu(method="asymptotic", use_continuity=False)``),
-computed for all perturbations at once from one global ranking.
+Each perturbation's per-cell values (the goal-state shift when the screen had a goal, else
+the cell shift ``1 - cell_cos``) are tested against a null of its own, never against the
+other perturbations of a targeted screen (that made a p-value depend on which others were
+listed): the same perturbation in a null screen (Geneformer's ``isp_stats_vs_null``), or
+its controls in the same cells (random genes of about the same ranks, see
+:mod:`cellfoundry.infer.perturb`); in a genome-wide screen, as Geneformer's goal-state
+statistics, against every other gene's values. The test is a two-sided Wilcoxon rank-sum
+(Mann-Whitney U), normal approximation with tie correction and no continuity correction
+(``scipy.stats.mannwhitneyu(method="asymptotic", use_continuity=False)``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from scipy import stats as sps
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "TESTS",
     "benjamini_hochberg",
     "gene_shift_stats",
     "plot_stats",
@@ -31,14 +35,16 @@ __all__ = [
 
 
 def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
-    """Benjamini-Hochberg adjusted p-values (FDR q-values); NaN stays NaN."""
+    """Benjamini-Hochberg adjusted p-values (FDR q-values). A NaN p-value (no test) counts
+    as 1, as in Geneformer: it stays among the hypotheses, so leaving it out cannot make
+    the others look stronger."""
     p = np.asarray(p, dtype=np.float64)
-    out = np.full(p.shape, np.nan)
-    ok = np.flatnonzero(np.isfinite(p))
-    m = len(ok)
+    p = np.where(np.isnan(p), 1.0, p)
+    m = p.size
+    out = np.ones(p.shape)
     if m == 0:
         return out
-    order = ok[np.argsort(p[ok], kind="stable")]
+    order = np.argsort(p, kind="stable")
     q = p[order] * m / np.arange(1, m + 1)
     q = np.minimum.accumulate(q[::-1])[::-1]
     out[order] = np.clip(q, 0.0, 1.0)
@@ -117,17 +123,41 @@ def rank_sum_vs_null(values: np.ndarray, groups: np.ndarray, null: np.ndarray) -
     )
 
 
+TESTS = ("null_screen", "matched_controls", "other_genes", "none")
+"""What a perturbation's values were tested against (the ``test`` column)."""
+
+
 def screen_stats(
-    screen: pl.DataFrame | pl.LazyFrame, *, null: np.ndarray | None = None
+    screen: pl.DataFrame | pl.LazyFrame,
+    *,
+    null: pl.DataFrame | None = None,
+    genome_wide: bool = False,
 ) -> pl.DataFrame:
-    """Per perturbation: n_cells, kind, mean/std of the cell shift (1 - cell_cos) and of
-    the goal shift, and the rank-sum test (``tested``: which value) with ``fdr``
-    (Benjamini-Hochberg over all perturbations). Sorted by p-value."""
-    lf = screen.lazy().select("perturbation", "kind", "cell_cos", "goal_shift")
-    df = lf.with_columns(cell_shift=1.0 - pl.col("cell_cos").cast(pl.Float64)).collect()
+    """Per perturbation (its controls apart): kind, n_cells, mean/std of the cell shift
+    (1 - cell_cos) and of the goal shift, and a rank-sum test of ``tested`` (which value)
+    against the perturbation's own null (``test``, ``n_null``):
+
+    - ``null_screen``: ``null``'s values (columns ``perturbation``, ``value``) of the same
+      perturbation, as Geneformer's ``isp_stats_vs_null``;
+    - ``matched_controls``: its control rows (``control`` true) in the same cells;
+    - ``other_genes`` (``genome_wide`` only): every other perturbation without controls,
+      pooled, as Geneformer's goal-state statistics;
+    - ``none``: no null (p-value NaN).
+
+    ``fdr``: Benjamini-Hochberg over all perturbations, NaN p-values as 1 (as Geneformer).
+    Sorted by p-value. A perturbation's p-value depends only on its own rows and null."""
+    lf = screen.lazy()
+    has_control = "control" in lf.collect_schema().names()
+    control = pl.col("control").fill_null(False) if has_control else pl.lit(False)
+    df = (
+        lf.select("perturbation", "kind", "cell_cos", "goal_shift", control.alias("control"))
+        .with_columns(cell_shift=1.0 - pl.col("cell_cos").cast(pl.Float64))
+        .collect()
+    )
     has_goal = df["goal_shift"].null_count() < df.height and df.height > 0
     tested = "goal_shift" if has_goal else "cell_shift"
-    summary = df.group_by("perturbation").agg(
+    real = df.filter(~pl.col("control"))
+    summary = real.group_by("perturbation").agg(
         pl.first("kind"),
         pl.len().alias("n_cells"),
         pl.col("cell_shift").mean().alias("cell_shift_mean"),
@@ -135,20 +165,62 @@ def screen_stats(
         pl.col("goal_shift").cast(pl.Float64).mean().alias("goal_shift_mean"),
         pl.col("goal_shift").cast(pl.Float64).std().alias("goal_shift_std"),
     )
-    if df.height == 0:
-        return summary.with_columns(
-            pl.lit(tested).alias("tested"),
-            *(pl.lit(None, pl.Float64).alias(c) for c in ("z", "pvalue", "fdr")),
-        )
-    vals = df.drop_nulls(tested)
-    x, g = vals[tested].to_numpy(), vals["perturbation"].to_numpy()
-    test = rank_sum_vs_null(x, g, null) if null is not None else rank_sum_vs_rest(x, g)
-    test = test.with_columns(fdr=pl.Series(benjamini_hochberg(test["pvalue"].to_numpy())))
-    test = test.select(pl.col("group").cast(pl.String).alias("perturbation"), "z", "pvalue", "fdr")
-    out = summary.join(test, on="perturbation", how="left").with_columns(
-        pl.lit(tested).alias("tested")
+    value = pl.col(tested).cast(pl.Float64)
+    values = df.select("perturbation", "control", value.alias("value")).filter(
+        pl.col("value").is_not_null() & pl.col("value").is_not_nan()
     )
+    test = _tests(values, null, genome_wide)
+    out = summary.join(test, on="perturbation", how="left").with_columns(
+        pl.lit(tested).alias("tested"),
+        pl.col("test").fill_null("none"),
+        pl.col("n_null").fill_null(0),
+    )
+    # every perturbation counts in BH, an untested one with p = 1 (NaN p-values as upstream)
+    p = out["pvalue"].fill_null(np.nan).to_numpy()
+    out = out.with_columns(fdr=pl.Series(benjamini_hochberg(p), dtype=pl.Float64))
     return out.sort(["pvalue", "perturbation"], nulls_last=True)
+
+
+def _tests(values: pl.DataFrame, null: pl.DataFrame | None, genome_wide: bool) -> pl.DataFrame:
+    """perturbation, test, n_null, z, pvalue for every perturbation of ``values``."""
+    real = values.filter(~pl.col("control"))
+    own = _by_perturbation(values.filter(pl.col("control")))
+    if null is not None:
+        own, kind = _by_perturbation(null.select("perturbation", "value")), "null_screen"
+    else:
+        kind = "matched_controls"
+    rows = []
+    for key, part in real.group_by("perturbation"):
+        name = str(key[0])
+        x = part["value"].to_numpy()
+        y = own.get(name)
+        if y is None or len(y) == 0:
+            continue
+        r = rank_sum_vs_null(x, np.zeros(len(x), np.int8), y).row(0, named=True)
+        rows.append((name, kind, len(y), r["z"], r["pvalue"]))
+    out = pl.DataFrame(
+        rows,
+        schema={"perturbation": pl.String, "test": pl.String, "n_null": pl.Int64,
+                "z": pl.Float64, "pvalue": pl.Float64},
+        orient="row",
+    )  # fmt: skip
+    if genome_wide and null is None:  # the rest: every other gene without controls, pooled
+        rest = real.filter(~pl.col("perturbation").is_in(out["perturbation"].implode()))
+        if rest.height:
+            vs = rank_sum_vs_rest(rest["value"].to_numpy(), rest["perturbation"].to_numpy())
+            out = pl.concat([out, vs.select(
+                pl.col("group").cast(pl.String).alias("perturbation"),
+                pl.lit("other_genes").alias("test"), pl.col("n_rest").alias("n_null"), "z", "pvalue",
+            )])  # fmt: skip
+    return out
+
+
+def _by_perturbation(df: pl.DataFrame) -> dict[str, np.ndarray]:
+    """Each perturbation's values."""
+    return {
+        str(k[0]): part["value"].to_numpy().astype(np.float64)
+        for k, part in df.group_by("perturbation")
+    }
 
 
 def gene_shift_stats(
@@ -158,6 +230,7 @@ def gene_shift_stats(
     over cells (from the per-row ``gene_token_ids`` / ``gene_cos`` lists)."""
     df = (
         screen.lazy()
+        .filter(~_is_control(screen))
         .select("perturbation", "gene_token_ids", "gene_cos")
         .explode("gene_token_ids", "gene_cos")
         .drop_nulls("gene_token_ids")
@@ -175,6 +248,13 @@ def gene_shift_stats(
         ens = [names.get(int(t), "") for t in df["token_id"].to_list()]
         df = df.with_columns(ensembl_id=pl.Series(ens, dtype=pl.String))
     return df
+
+
+def _is_control(screen: pl.DataFrame | pl.LazyFrame) -> pl.Expr:
+    """Control rows (none in a screen without the ``control`` column)."""
+    if "control" in screen.lazy().collect_schema().names():
+        return pl.col("control").fill_null(False)
+    return pl.lit(False)
 
 
 def plot_stats(stats: pl.DataFrame, path: str | Path, *, top: int = 10) -> Path:

@@ -80,11 +80,15 @@ class CellModel:
         self, cell: np.ndarray, perturbations: list[tuple[str, list[int]]], fraction: float
     ) -> list[dict[str, Any]]:
         """Shifts of one cell under each perturbation, all in one batched pass: cell cosine
-        and, for the genes left, the mean / min cosine of their contextual embeddings."""
+        (Geneformer's metric: ``<cls>`` on V2 models, the mean gene cosine on V1; ``metric``
+        and ``emb_layer`` say so in each result) and, for the genes left, the mean / min
+        cosine of their contextual embeddings."""
         from cellfoundry.infer.perturb import Perturbation, perturb_cells
 
         perts = [Perturbation(kind, tuple(tokens)) for kind, tokens in perturbations]  # type: ignore[arg-type]
-        table = perturb_cells(self.embedder, [cell], perts, fraction=fraction, gene_shifts=True)
+        table = perturb_cells(
+            self.embedder, [cell], perts, fraction=fraction, gene_shifts=True, metric="geneformer"
+        )
         out = []
         for row in table.to_pylist():
             gene_cos = np.asarray(row["gene_cos"], dtype=np.float64)
@@ -93,6 +97,8 @@ class CellModel:
                 "cell_shift": 1.0 - row["cell_cos"], "n_genes": row["n_genes"],
                 "gene_cos_mean": float(gene_cos.mean()) if len(gene_cos) else None,
                 "gene_cos_min": float(gene_cos.min()) if len(gene_cos) else None,
+                "metric": "geneformer", "layer": self.embedder.layer,
+                "emb_layer": self.embedder.emb_layer,
             })  # fmt: skip
         return out
 

@@ -131,7 +131,7 @@ def test_batched_perturbations_equal_one_at_a_time(small_model: Path, hf: torch.
     goal = torch.randn(32, generator=torch.Generator().manual_seed(0))
     e = Embedder(small_model, batch_size=7)
     table = perturb_cells(e, cells, perts, goal=goal.numpy(), cell_ids=[f"c{i}" for i in range(10)],
-                          max_sequences=13)  # fmt: skip
+                          max_sequences=13, metric="pooled")  # fmt: skip
     assert table.schema == RESULT_SCHEMA
     ref = plain_screen(hf, cells, perts, goal)
     assert table.num_rows == len(ref) > 10
