@@ -77,6 +77,10 @@ class InferComputeConfig(ActorPoolConfig):
     """auto: bf16 weights on CUDA, fp32 on CPU (bf16 asked for on CPU becomes fp32, warned)."""
     compile: bool = False
     """torch.compile the encoder layers (dynamic shapes; GPU runs)."""
+    wait_for_nodes: bool = False
+    """An autoscaling cluster whose nodes with the asked CPUs / GPUs join later: only warn
+    when the cluster as it is cannot place the actor pool. False (the default): such a job
+    fails at once with the numbers instead of waiting for resources that never come."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.model_batch_size < 1:

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 #: Columns of a tokenized shard that are not cell metadata.
 TOKEN_COLUMNS = ("input_ids", "length")
 #: compute fields that say where a job runs, not what it computes (kept out of fingerprints).
-POOL_FIELDS = ("concurrency", "min_actors", "max_actors")
+POOL_FIELDS = ("concurrency", "min_actors", "max_actors", "wait_for_nodes")
 
 
 def shard_files(tokenized: str | Path) -> list[str]:
@@ -152,6 +152,73 @@ def map_batches_kwargs(compute: InferComputeConfig) -> dict[str, Any]:
         "num_gpus": compute.num_gpus,
         "num_cpus": compute.num_cpus,
     }
+
+
+def check_placeable(
+    compute: InferComputeConfig,
+    nodes: list[dict[str, float]] | None = None,
+    *,
+    reads: bool = False,
+    stage: str = "the job",
+) -> None:
+    """Fail at once, with asked and available numbers, when the actor pool of ``compute``
+    cannot be placed on the cluster, instead of Ray Data waiting without a word for an actor
+    that never starts: no node has ``num_cpus`` CPUs and ``num_gpus`` GPUs for one actor, the
+    nodes cannot hold the pool's ``min_actors``, or (``reads``: the job reads Parquet with Ray
+    Data tasks) the actors would leave no CPU for the read tasks that feed them.
+
+    ``nodes``: each alive node's resources (``{"CPU": 8.0, "GPU": 1.0, ...}``); None: asked
+    from Ray (``ray.nodes()``). With ``compute.wait_for_nodes`` (an autoscaling cluster whose
+    nodes join later) a warning instead of the error."""
+    import warnings
+
+    if nodes is None:
+        import ray
+
+        nodes = [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
+    cpus = [float(n.get("CPU", 0.0)) for n in nodes]
+    gpus = [float(n.get("GPU", 0.0)) for n in nodes]
+    want_cpu, want_gpu = float(compute.num_cpus), float(compute.num_gpus)
+    min_actors = compute.pool.min_actors
+    have = (
+        f"the cluster has {len(nodes)} node(s), {sum(cpus):g} CPUs and {sum(gpus):g} GPUs in "
+        f"all, at most {max(cpus, default=0):g} CPUs and {max(gpus, default=0):g} GPUs on one node"
+    )
+    fits = [
+        min(c // want_cpu, g // want_gpu if want_gpu > 0 else float("inf"))
+        for c, g in zip(cpus, gpus, strict=True)
+    ]
+    problem = None
+    if not any(f >= 1 for f in fits):
+        problem = (
+            f"{stage}: one actor asks for {want_cpu:g} CPUs and {want_gpu:g} GPUs "
+            f"(compute.num_cpus, compute.num_gpus) and no node has them; {have}. Lower "
+            "compute.num_cpus / compute.num_gpus, or start the cluster with such a node"
+        )
+    elif sum(fits) < min_actors:
+        problem = (
+            f"{stage}: the actor pool needs at least {min_actors} actors of {want_cpu:g} CPUs "
+            f"and {want_gpu:g} GPUs (compute.min_actors or compute.concurrency), and the nodes "
+            f"hold {int(sum(fits))}; {have}. Lower compute.min_actors / compute.concurrency "
+            "or the resources per actor"
+        )
+    elif reads and sum(cpus) - min_actors * want_cpu < 1:
+        problem = (
+            f"{stage}: {min_actors} actor(s) of {want_cpu:g} CPUs would take all "
+            f"{sum(cpus):g} CPUs of the cluster, and Ray Data's read tasks that feed them need "
+            "1 CPU each, so nothing would run. Lower compute.num_cpus (or compute.min_actors), "
+            "or give the cluster more CPUs (ray.num_cpus for a local one)"
+        )
+    if problem is None:
+        return
+    if compute.wait_for_nodes:
+        warnings.warn(
+            f"{problem} (compute.wait_for_nodes: waiting for the autoscaler)",
+            UserWarning,
+            stacklevel=2,
+        )
+        return
+    raise ValueError(problem)
 
 
 def embedder_kwargs(compute: InferComputeConfig, layer: int, pooling: str) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from cellfoundry.infer.common import (
     POOL_FIELDS,
     TOKEN_COLUMNS,
     cells_of,
+    check_placeable,
     embedder_kwargs,
     inputs_with_manifest,
     map_batches_kwargs,
@@ -140,6 +141,7 @@ def run_embed(cfg: EmbedJobConfig) -> EmbedResult:
         return EmbedResult(
             _local_or_uri(cfg.output), artifact, int(previous["counts"]["cells"]), reused=True
         )
+    check_placeable(compute=cfg.compute, reads=True, stage="embed")  # never wait silently
     with write_artifact(artifact, "embeddings", config, inputs) as w:
         configure_data_context()
         fs, paths = shard_source(files)

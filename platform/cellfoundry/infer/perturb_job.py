@@ -51,6 +51,7 @@ from cellfoundry.config.loader import config_to_dict, load_config
 from cellfoundry.infer.common import (
     POOL_FIELDS,
     cells_of,
+    check_placeable,
     embedder_kwargs,
     inputs_with_manifest,
     map_batches_kwargs,
@@ -287,6 +288,8 @@ def run_perturb(cfg: PerturbJobConfig) -> PerturbResult:
     )
     configure_data_context()
     if todo:
+        # the goal pass reads Parquet with Ray Data tasks; the screen's actors read their own
+        check_placeable(cfg.compute, reads=cfg.goal is not None, stage="perturb")
         goal = goal_embedding(cfg)
         ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
             PerturbShards,
