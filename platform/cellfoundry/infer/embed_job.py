@@ -32,7 +32,7 @@ from cellfoundry.artifacts import (
     reusable,
     write_artifact,
 )
-from cellfoundry.config.infer import EmbedJobConfig
+from cellfoundry.config.infer import EmbedJobConfig, emb_layer_of
 from cellfoundry.config.loader import config_to_dict, load_config
 from cellfoundry.infer.common import (
     POOL_FIELDS,
@@ -167,8 +167,9 @@ def run_embed(cfg: EmbedJobConfig) -> EmbedResult:
             [c for c in cells.column_names if c == EMB_COLUMN or c.startswith("_g_")]
         )
         uns = provenance(
-            cfg.model, cfg.tokenized, layer=cfg.layer, pooling=cfg.pooling, n_cells=cells.num_rows
-        )
+            cfg.model, cfg.tokenized, layer=cfg.layer, emb_layer=emb_layer_of(cfg.layer),  # type: ignore[arg-type]
+            pooling=cfg.pooling, n_cells=cells.num_rows,
+        )  # fmt: skip
         write_h5ad(cfg.output, obs, emb.astype(np.float32), uns)
         w.counts = {"cells": cells.num_rows, "hidden": int(emb.shape[1]) if emb.size else 0}
         w.extra = {"outputs": {"h5ad": cfg.output}, "provenance": uns}

@@ -146,38 +146,39 @@ def _jobs(
     and refers to it as ``orig = -1 - its index`` (cells are ``orig >= 0``)."""
     head, genes, tail = _split(e, ids)
     max_genes = e.max_length - len(head) - len(tail)
-    todo = [(p, label, False) for p, label in zip(plan.perturbations, plan.labels, strict=True)]
+    todo = list(zip(plan.perturbations, plan.labels, strict=True))
     if plan.genome_wide is not None:
         # overexpressing the top-ranked gene leaves the cell as it is: no row
         skip = 1 if plan.genome_wide == "overexpress" else 0
         for g in genes[skip:]:
             p = Perturbation(plan.genome_wide, (int(g),))  # type: ignore[arg-type]
-            todo.append((p, p.label(plan.names), False))
-    jobs = []
-    for i, (p, label, _) in enumerate(todo):
-        variants = [(p, False)]
-        if i < len(plan.perturbations) and plan.null_draws:
-            rng = _control_rng(plan.seed, label, cell_key)
-            for _ in range(plan.null_draws):
-                q = matched_control(genes, p, rng, candidates=plan.candidates)
-                if q is not None:
-                    variants.append((q, True))
-        for k, (q, control) in enumerate(variants):
-            out = apply(genes, q, fraction=plan.fraction, max_genes=max_genes)
-            if out is None:
-                if k == 0:
-                    break  # the perturbation does not apply here: no controls either
-                continue
-            new, src = out
-            orig = c
-            n_out = overflow(genes, q, max_genes) if plan.metric == "geneformer" else 0
-            if n_out:
-                if (c, n_out) not in cut_index:
-                    cut_index[(c, n_out)] = len(cuts)
-                    cuts.append(np.concatenate([head, genes[: len(genes) - n_out], tail]))
-                orig = -1 - cut_index[(c, n_out)]
-            seq = np.concatenate([head, new, tail])
-            jobs.append(_Job(c, orig, q, label, control, seq, src, np.isin(new, q.token_ids)))
+            todo.append((p, p.label(plan.names)))
+    jobs: list[_Job] = []
+
+    def add(q: Perturbation, label: str, control: bool) -> bool:
+        out = apply(genes, q, fraction=plan.fraction, max_genes=max_genes)
+        if out is None:  # a gene to delete or move is not expressed: no row
+            return False
+        new, src = out
+        orig = c
+        n_out = overflow(genes, q, max_genes) if plan.metric == "geneformer" else 0
+        if n_out:  # Geneformer's comparison: the original less the genes pushed out
+            if (c, n_out) not in cut_index:
+                cut_index[(c, n_out)] = len(cuts)
+                cuts.append(np.concatenate([head, genes[: len(genes) - n_out], tail]))
+            orig = -1 - cut_index[(c, n_out)]
+        seq = np.concatenate([head, new, tail])
+        jobs.append(_Job(c, orig, q, label, control, seq, src, np.isin(new, q.token_ids)))
+        return True
+
+    for i, (p, label) in enumerate(todo):
+        if not add(p, label, False) or i >= len(plan.perturbations) or not plan.null_draws:
+            continue  # controls: only where a listed perturbation applied
+        rng = _control_rng(plan.seed, label, cell_key)
+        for _ in range(plan.null_draws):
+            q = matched_control(genes, p, rng, candidates=plan.candidates)
+            if q is not None:
+                add(q, label, True)
     return jobs
 
 
