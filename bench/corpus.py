@@ -360,6 +360,8 @@ def worker_run(args: argparse.Namespace) -> int:
                 "catalog": args.catalog,
                 "output_dir": args.output,
                 "rows_per_chunk": args.rows_per_chunk,
+                # the distributed dedup and medians that scale, whatever the size measured
+                "single_task_max_cells": 0,
                 "medians": {"method": "exact"},
                 "tokenize": {"mode": "v2"},
             },

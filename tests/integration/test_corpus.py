@@ -149,7 +149,9 @@ MULTINODE = textwrap.dedent(
     ray.init(address=cluster.address, log_to_driver=False)
     assert len([n for n in ray.nodes() if n["Alive"]]) == 3
     runtime.configure_data_context()
-    run_corpus(parse_config(CorpusConfig, {"catalog": sys.argv[1], "output_dir": sys.argv[2], "rows_per_chunk": 1024}))
+    # distributed dedup and medians (the local run takes the one-task path of small corpora)
+    run_corpus(parse_config(CorpusConfig, {"catalog": sys.argv[1], "output_dir": sys.argv[2],
+                                           "rows_per_chunk": 1024, "single_task_max_cells": 0}))
     ray.shutdown()
     cluster.shutdown()
     """

@@ -69,21 +69,30 @@ def _find(parts, tmp_path: Path, **kwargs) -> dedup.DuplicateIndex:
     )
 
 
-def test_verification_spread_over_tasks(ray_local: None, parts, tmp_path: Path) -> None:
+def test_verification_spread_over_tasks_or_in_one_task(
+    ray_local: None, parts, tmp_path: Path
+) -> None:
     expected = parts[2]
-    one = _find(parts, tmp_path / "one")  # default partition size: everything in one
-    assert one.partitions == 1 and one.verifiers == 1
-    # ~80 kB of candidates per partition (~260 kB in all): each verified by its own task
-    many = _find(parts, tmp_path / "many", partition_bytes=80_000, filter_bytes=64)
+    # Above single_task_max_cells, distributed: ~80 kB of candidates per partition (~260 kB
+    # in all), each verified by its own task
+    many = _find(parts, tmp_path / "many", partition_bytes=80_000, filter_bytes=64,
+                 n_cells=11, single_task_max_cells=10)  # fmt: skip
     assert many.partitions >= 3 and many.verifiers >= 2
+    # At most single_task_max_cells: the whole search in one task, the same duplicates
+    one = _find(parts, tmp_path / "one", n_cells=10, single_task_max_cells=10)
+    assert one.partitions == 1 and one.verifiers == 1
     for index in (one, many):
         got = index.read()
         assert index.n == 150 and index.candidate_groups >= 150
         assert np.array_equal(np.stack([got["order"], got["duplicate_of"]], axis=1), expected)
-    # per part, only the duplicates in its order range
-    assert np.array_equal(many.orders_between(2**40 + 10, 2**40 + 19), 2**40 + np.arange(10, 20))
-    assert many.orders_between(0, 2**40 - 1).size == 0
-    assert len(many.files) >= 1 and all(a <= b for a, b in zip(many.lo, many.hi, strict=True))
+        # per part, only the duplicates in its order range
+        assert np.array_equal(
+            index.orders_between(2**40 + 10, 2**40 + 19), 2**40 + np.arange(10, 20)
+        )
+        assert index.orders_between(0, 2**40 - 1).size == 0
+        assert len(index.files) >= 1 and all(
+            a <= b for a, b in zip(index.lo, index.hi, strict=True)
+        )
 
 
 def test_bloom_filter_has_no_false_negatives() -> None:
@@ -98,7 +107,10 @@ def test_bloom_filter_has_no_false_negatives() -> None:
 def test_no_duplicates(ray_local: None, parts, tmp_path: Path) -> None:
     files, panels, _ = parts
     c_only = [f for f in files if "part-00002-" in f]
-    index = dedup.find_duplicates(
-        c_only, panels, min_identity=0.99, num_partitions=1, out_dir=tmp_path
-    )
-    assert index.n == 0 and index.files == [] and index.orders_between(0, 2**62).size == 0
+    for n_cells, out in ((None, tmp_path / "ray"), (50, tmp_path / "one")):  # both paths
+        index = dedup.find_duplicates(
+            c_only, panels, min_identity=0.99, num_partitions=1, out_dir=out,
+            n_cells=n_cells, single_task_max_cells=50,
+        )  # fmt: skip
+        assert index.n == 0 and index.files == [] and index.orders_between(0, 2**62).size == 0
+        assert not out.exists()  # nothing written

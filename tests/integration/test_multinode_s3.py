@@ -6,7 +6,9 @@ The cluster runs in a subprocess (a driver of its own, as ``test_elastic_pools.p
 the session's cluster is untouched. Its working directory is an empty folder and its artifact
 cache (:func:`cellfoundry.artifacts.localize`) a folder of its own: afterwards the working
 directory must still be empty, so no stage wrote an artifact to a local path. The single-node
-reference is the session's ``pbmc_corpus`` (the same catalog and config, written locally).
+reference is the session's ``pbmc_corpus`` (the same catalog and config, written locally,
+with the one-task duplicate search and medians of small corpora: the cluster run uses the
+distributed ones, so the equality covers both).
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ SCRIPT = textwrap.dedent(
         corpus = run_corpus(parse_config(CorpusConfig, {
             "catalog": catalog, "output_dir": f"{root}/corpus", "rows_per_chunk": 1024,
             "tokenize": {"mode": "v2", "model_input_size": int(input_size)},
+            # the distributed duplicate search and medians, across the nodes (the session's
+            # single-node reference takes the one-task path of small corpora)
+            "single_task_max_cells": 0,
         }))
         pretrain = run_pretrain(parse_config(PretrainJobConfig, {
             "data": {"tokenized": str(corpus.tokenized), "token_dictionary": str(corpus.vocabulary),

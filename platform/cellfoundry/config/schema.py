@@ -147,6 +147,11 @@ class CorpusConfig:
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     compute: ActorPoolConfig = field(default_factory=ActorPoolConfig)
     """Actor pool of each per-file step (ingest, QC, encode); one CPU per actor."""
+    single_task_max_cells: int = 50_000
+    """Corpora of at most this many cells run the duplicate search and the medians each in
+    one Ray task (same results) instead of distributed Ray Data steps, whose shuffle and
+    reducer actors cost tens of seconds before any work; 0: always distributed. Memory of
+    that task: the medians' histograms (8 bytes x genes x bins) and one cells file."""
 
     def __post_init__(self) -> None:
         self.catalog = expand(self.catalog)
@@ -155,6 +160,8 @@ class CorpusConfig:
             self.gene_table = expand(self.gene_table)
         if self.rows_per_chunk < 1:
             raise ValueError("corpus.rows_per_chunk must be >= 1")
+        if self.single_task_max_cells < 0:
+            raise ValueError("corpus.single_task_max_cells must be >= 0 (0: always distributed)")
 
 
 @dataclass

@@ -225,6 +225,8 @@ def find_duplicates(
     out_dir: str | Path,
     partition_bytes: int = 64 * 2**20,
     filter_bytes: int = 32 * 2**20,
+    n_cells: int | None = None,
+    single_task_max_cells: int = 0,
 ) -> DuplicateIndex:
     """Find every duplicate cell in the cells parts ``files``; write them to ``out_dir``
     (replaced) and return their index. ``files`` and ``out_dir`` are local paths or URIs of
@@ -232,6 +234,9 @@ def find_duplicates(
 
     ``num_partitions``: of the key count; ``partition_bytes``: candidate cells (gene ids and
     counts) verified by one task; ``filter_bytes``: the most the candidate filter takes.
+    ``n_cells`` (the cells in ``files``) at most ``single_task_max_cells``: the whole search
+    runs in one Ray task instead (same result; a distributed ``groupby`` starts its shuffle
+    machinery, tens of seconds of fixed cost that small corpora do not need).
     """
     import ray
     from ray.data.aggregate import Count, Sum
@@ -240,6 +245,18 @@ def find_duplicates(
     if not files:
         return DuplicateIndex()
     fs, paths = on_filesystem(files)
+    if n_cells is not None and n_cells <= single_task_max_cells:
+        task = ray.remote(num_cpus=1)(_find_in_one_task)
+        out_fs, out = storage.resolve(out_dir)
+        n_keys, n = ray.get(
+            task.remote(paths, fs, ray.put(panels), min_identity, out, out_fs,
+                        not storage.is_remote(out_dir))
+        )  # fmt: skip
+        index = DuplicateIndex(candidate_groups=n_keys, partitions=1, n=n, verifiers=int(n > 0))
+        if n:
+            _index_files(index, out_dir)
+        logger.info("dedup: %d keys shared, %d duplicates, in one task", n_keys, n)
+        return index
     shared = (
         ray.data.read_parquet(paths, columns=["dedup_key", "n_genes"], filesystem=fs)
         .map_batches(lambda b: b.filter(pc.greater(b["n_genes"], 0)), batch_format="pyarrow")
@@ -289,6 +306,44 @@ def find_duplicates(
         "dedup: %d duplicates, verified by %d tasks", index.n, index.verifiers
     )  # fmt: skip
     return index
+
+
+def _find_in_one_task(
+    paths: list[str], fs: pafs.FileSystem, panels: Any, min_identity: float, out: str,
+    out_fs: pafs.FileSystem, make_dir: bool,
+) -> tuple[int, int]:  # fmt: skip
+    """:func:`find_duplicates` of a small corpus in one process: the keys shared by more than
+    one cell, then each group of candidates verified as ``verify_group`` does on Ray; the
+    duplicates (sorted by order) written to ``out/part-0.parquet``. (keys shared, duplicates)."""
+    keys = pa.concat_tables(
+        pq.read_table(p, columns=["dedup_key", "n_genes"], filesystem=fs) for p in paths
+    )
+    keys = keys.filter(pc.greater(keys["n_genes"], 0))
+    counted = keys.group_by("dedup_key").aggregate([("dedup_key", "count")])
+    shared = counted.filter(pc.greater(counted["dedup_key_count"], 1))["dedup_key"]
+    if len(shared) == 0:
+        return 0, 0
+    columns = ["dedup_key", "order", "dataset_id", "gene_ids", "counts"]
+    candidates = []
+    for p in paths:  # one file at a time: only the candidates are kept
+        t = pq.read_table(p, columns=columns, filesystem=fs)
+        candidates.append(t.filter(pc.is_in(t["dedup_key"], value_set=shared)))
+    cells = pa.concat_tables(candidates).sort_by([("dedup_key", "ascending")])
+    key = cells["dedup_key"].combine_chunks()
+    change = pc.not_equal(key.slice(1), key.slice(0, len(key) - 1))
+    bounds = np.flatnonzero(change.to_numpy(zero_copy_only=False))
+    starts, stops = np.r_[0, bounds + 1], np.r_[bounds + 1, cells.num_rows]
+    found = pa.concat_tables(
+        verify_group(cells.slice(a, b - a), panels, min_identity)
+        for a, b in zip(starts, stops, strict=True)
+    ).drop_columns(["task"])
+    if found.num_rows:
+        if make_dir:
+            out_fs.create_dir(out, recursive=True)
+        pq.write_table(
+            found.sort_by("order"), f"{out.rstrip('/')}/part-0.parquet", filesystem=out_fs
+        )
+    return len(shared), found.num_rows
 
 
 def _index_files(index: DuplicateIndex, out_dir: str | Path) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,11 +115,37 @@ class _RayPasses:
         self.pool = []
 
 
+class TableFiles:
+    """Tables read from Parquet files one at a time, again on every pass (so a pass in one
+    process holds one file, not the corpus); ``transform`` (e.g. keep the passed cells) is
+    applied to each file's table."""
+
+    def __init__(
+        self, paths: list[str], filesystem: Any, columns: list[str],
+        transform: Callable[[pa.Table], pa.Table] | None = None,
+    ) -> None:  # fmt: skip
+        self.paths, self.filesystem, self.columns, self.transform = (
+            paths,
+            filesystem,
+            columns,
+            transform,
+        )
+
+    def __iter__(self) -> Iterator[pa.Table]:
+        import pyarrow.parquet as pq
+
+        for path in self.paths:
+            table = pq.read_table(path, columns=self.columns, filesystem=self.filesystem)
+            yield self.transform(table) if self.transform else table
+
+
 class _LocalPasses:
     """The same passes in this process, over Arrow tables (small inputs and tests)."""
 
     def __init__(self, tables: Iterable[pa.Table], batch_size: int) -> None:
-        self.tables, self.batch_size, self.passes = list(tables), batch_size, 0
+        # TableFiles re-reads its files on each pass; anything else is held as given
+        self.tables = tables if isinstance(tables, TableFiles) else list(tables)
+        self.batch_size, self.passes = batch_size, 0
 
     def put(self, params: Any) -> Any:
         return params
@@ -164,7 +190,8 @@ def compute_medians(
     """Per-gene median of counts / n_counts * 10,000 over the cells where the gene is non-zero.
 
     ``cells``: a Ray Dataset with ``gene_ids`` (list<int32> in [0, n_genes)), ``counts``
-    (list<int32>, > 0) and ``n_counts`` (int64), or Arrow tables to run in this process.
+    (list<int32>, > 0) and ``n_counts`` (int64), or Arrow tables (or :class:`TableFiles`)
+    to run in this process.
     ``exact`` equals ``np.median`` bitwise (usually 2 passes); ``sketch`` takes 1 pass, error
     <= 10**(7/bins) - 1 (medians outside [1e-3, 1e4] fall in wider outer bins; the bound then
     says so). Collected values are bounded by ``max_values_per_gene`` per gene and

@@ -211,7 +211,8 @@ def _cells_stage(
         duplicates = dedup.find_duplicates(
             files, panels, min_identity=cfg.qc.duplicate_min_identity,
             num_partitions=_n_partitions(sum(p.n_cells for p in good)),
-            out_dir=child(work, "dedup"),
+            out_dir=child(work, "dedup"), n_cells=sum(p.n_cells for p in good),
+            single_task_max_cells=cfg.single_task_max_cells,
         )  # fmt: skip
     with artifacts.write_artifact(path, "cells", stage_cfg, {"catalog": catalog_path}) as w:
         genes_table = pa.table({

@@ -15,6 +15,7 @@ import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -25,7 +26,7 @@ from cellfoundry.config.schema import CorpusConfig
 from cellfoundry.corpus import qc
 from cellfoundry.corpus.encode import RankEncoder
 from cellfoundry.corpus.filemap import on_filesystem, run_per_item, table_at
-from cellfoundry.corpus.medians import compute_medians, medians_to_table
+from cellfoundry.corpus.medians import MedianResult, TableFiles, compute_medians, medians_to_table
 from cellfoundry.corpus.tokenized import EncodeFiles, merge_histograms, write_hf_layout
 from cellfoundry.genes import (
     GeneformerDictionaries,
@@ -74,6 +75,17 @@ def _passed_cells(cells: Where, columns: list[str] | None = None):
     )
 
 
+def _medians_in_one_task(
+    paths: list[str], filesystem: Any, n_genes: int, options: dict[str, Any]
+) -> MedianResult:
+    """:func:`compute_medians` over the passed cells of ``paths``, one file at a time."""
+    columns = ["gene_ids", "counts", "n_counts"]
+    files = TableFiles(
+        paths, filesystem, [*columns, "qc"], lambda t: qc.is_passed(t).select(columns)
+    )
+    return compute_medians(files, n_genes, **options)
+
+
 def medians_stage(cfg: CorpusConfig, out: Where, cells: Where) -> Where:
     """Non-zero median of count / n_counts * 10,000 per corpus gene, over passed cells."""
     path = child(out, "medians")
@@ -83,11 +95,19 @@ def medians_stage(cfg: CorpusConfig, out: Where, cells: Where) -> Where:
         logger.info("medians: reusing %s", path)
         return path
     genes = _genes(cells)
-    ds = _passed_cells(cells, ["gene_ids", "counts", "n_counts"])
-    result = compute_medians(
-        ds, len(genes), method=cfg.medians.method, bins=cfg.medians.bins,
-        max_values_per_gene=cfg.medians.max_values_per_gene,
-    )  # fmt: skip
+    options = {"method": cfg.medians.method, "bins": cfg.medians.bins,
+               "max_values_per_gene": cfg.medians.max_values_per_gene}  # fmt: skip
+    passed = int(artifacts.read_manifest(cells, "cells")["counts"]["passed"])
+    if 0 < passed <= cfg.single_task_max_cells:
+        # A small corpus in one Ray task: no reducer actors to start (same medians, bitwise)
+        import ray
+
+        fs, paths = on_filesystem(_cell_files(cells))
+        task = ray.remote(num_cpus=1)(_medians_in_one_task)
+        result = ray.get(task.remote(paths, fs, len(genes), options))
+    else:
+        ds = _passed_cells(cells, ["gene_ids", "counts", "n_counts"])
+        result = compute_medians(ds, len(genes), **options)
     with artifacts.write_artifact(path, "medians", stage_cfg, {"cells": cells}) as w:
         table = medians_to_table(result, genes)
         pq.write_table(table, w.dir / "medians.parquet")

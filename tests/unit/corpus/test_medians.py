@@ -282,3 +282,27 @@ def test_range_reducer_skips_empty_blocks_and_other_genes() -> None:
     keys = pa.array(np.array([0, 6, 6, 11, 12], np.int64))  # genes 0, 2, 2, 3, 4
     assert r.add(pa.table({"key": keys, "count": pa.array([5, 1, 2, 4, 9])})) == 3
     assert r.count.tolist() == [3, 0, 0, 0, 0, 4] and r.peak == 6 * 8
+
+
+def test_table_files_are_reread_on_every_pass(cells: pa.Table, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The one-task path of small corpora: Parquet files read one at a time on each pass,
+    a filter applied to each, give the medians of the filtered cells bitwise."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    marked = cells.append_column("qc", pa.array(["passed", "filtered"] * (cells.num_rows // 2)))
+    paths = []
+    for i, (a, b) in enumerate([(0, 700), (700, 701), (701, cells.num_rows)]):
+        paths.append(str(tmp_path / f"part-{i}.parquet"))
+        pq.write_table(marked.slice(a, b - a), paths[-1])
+    columns = ["gene_ids", "counts", "n_counts"]
+    files = M.TableFiles(
+        paths,
+        None,
+        [*columns, "qc"],
+        lambda t: t.filter(pc.equal(t["qc"], "passed")).select(columns),
+    )
+    expected, n = reference(cells.filter(pc.equal(marked["qc"], "passed")))
+    result = M.compute_medians(files, N_GENES, max_values_per_gene=10, batch_size=256)
+    assert result.passes >= 2  # so the files were read more than once
+    assert result.medians.tobytes() == expected.tobytes() and np.array_equal(result.n_detected, n)
