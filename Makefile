@@ -13,7 +13,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 # DeepSpeed builds no C++/CUDA ops at install time (they are JIT-built only if used).
 export DS_BUILD_OPS := 0
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test test-all demo bench lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,7 +24,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The suite every change passes (CI runs it): unit tests and every stage's integration
+# tests on real Ray, under 20 minutes on 2 cores. `make test-all` adds the `slow` end-to-end
+# checks (notebooks, 3-node clusters, fault injection; ~45 minutes): run it before a release.
 test: install
+	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=30 -m "not slow"
+
+test-all: install
 	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=30
 
 # Every stage's smoke config in order on one local Ray cluster (generated data when

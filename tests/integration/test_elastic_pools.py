@@ -103,7 +103,6 @@ ELASTIC = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
 def test_node_added_mid_step_gets_items(real_h5ad: list[Path], tmp_path: Path) -> None:
     source = next(p for p in real_h5ad if p.name == "scwg_1k_PBMC_v3_filt.h5ad")
     # A short temp dir: Ray's socket paths must stay under 107 bytes.

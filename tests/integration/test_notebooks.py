@@ -13,6 +13,7 @@ from cellfoundry.paths import REPO_ROOT, shared_dir
 NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
+@pytest.mark.slow  # ~7 min on 2 cores; `make test` checks them statically (test_notebooks_static)
 def test_notebooks_run_in_order(
     real_h5ad: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
