@@ -190,7 +190,8 @@ def _tests(values: pl.DataFrame, null: pl.DataFrame | None, genome_wide: bool) -
     else:
         kind = "matched_controls"
     rows = []
-    for key, part in real.group_by("perturbation"):
+    # only perturbations with a null of their own (a genome-wide screen has none: no loop)
+    for key, part in real.filter(pl.col("perturbation").is_in(list(own))).group_by("perturbation"):
         name = str(key[0])
         x = part["value"].to_numpy()
         y = own.get(name)
