@@ -86,19 +86,22 @@ class CellModel:
         from cellfoundry.infer.perturb import Perturbation, perturb_cells
 
         perts = [Perturbation(kind, tuple(tokens)) for kind, tokens in perturbations]  # type: ignore[arg-type]
-        table = perturb_cells(
-            self.embedder, [cell], perts, fraction=fraction, gene_shifts=True, metric="geneformer"
-        )
+        e = self.embedder
+        # Geneformer's metric; input_ids without a leading <cls> on a V2 model have no <cls>
+        # state to compare: pooled cosines then, and each result says which metric it is
+        metric = "geneformer" if e.cls_id is None or cell[0] == e.cls_id else "pooled"
+        table = perturb_cells(e, [cell], perts, fraction=fraction, gene_shifts=True, metric=metric)
         out = []
         for row in table.to_pylist():
             gene_cos = np.asarray(row["gene_cos"], dtype=np.float64)
+            cos = row["cell_cos"]
+            cos = None if cos is None or np.isnan(cos) else cos  # V1, no gene left: no shift
             out.append({
-                "perturbation": row["perturbation"], "kind": row["kind"], "cell_cos": row["cell_cos"],
-                "cell_shift": 1.0 - row["cell_cos"], "n_genes": row["n_genes"],
+                "perturbation": row["perturbation"], "kind": row["kind"], "cell_cos": cos,
+                "cell_shift": None if cos is None else 1.0 - cos, "n_genes": row["n_genes"],
                 "gene_cos_mean": float(gene_cos.mean()) if len(gene_cos) else None,
                 "gene_cos_min": float(gene_cos.min()) if len(gene_cos) else None,
-                "metric": "geneformer", "layer": self.embedder.layer,
-                "emb_layer": self.embedder.emb_layer,
+                "metric": metric, "layer": e.layer, "emb_layer": e.emb_layer,
             })  # fmt: skip
         return out
 
