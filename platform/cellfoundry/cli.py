@@ -109,6 +109,7 @@ def _tokenize(args: argparse.Namespace) -> int:
         args.inputs, dictionaries=args.dictionaries, mode=args.mode, output=args.output,
         model_input_size=args.model_input_size, rows_per_chunk=args.rows_per_chunk,
         gene_table=args.gene_table, recompute_n_counts=args.recompute_n_counts,
+        obs_columns=args.obs_columns, hf=args.hf,
     )  # fmt: skip
     failed = manifest["counts"]["quarantined"]
     print(
@@ -260,6 +261,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="where obs['n_counts'] is zero, negative or not finite, use the cell's total raw "
         "count (default: such a file fails)",
     )
+    p.add_argument(
+        "--obs-columns", default=None, metavar="A,B",
+        help="obs columns to carry into the shards beside input_ids and length, e.g. "
+        "cell_type,donor (every file must have them)",
+    )  # fmt: skip
+    p.add_argument(
+        "--hf", action="store_true",
+        help="also write OUT/hf, the rows in datasets.save_to_disk layout (Geneformer's tools "
+        "read it with datasets.load_from_disk)",
+    )  # fmt: skip
     p.add_argument("--address", default=None, help="Ray cluster address (default: local)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local cluster")
     _overwrite_arg(p)

@@ -10,6 +10,11 @@ that is zero, negative or not finite for a cell to tokenise fails that file (it 
 mis-rank the cell's genes), unless ``recompute_n_counts``: then such cells use their total
 raw count. Cells with no vocabulary gene are dropped and counted, as the corpus stage
 filters and counts cells.
+
+``obs_columns`` (``--obs-columns cell_type,donor``) are carried into every shard as string
+columns beside ``input_ids`` and ``length``, as Geneformer's ``custom_attr_name_dict`` carries
+them, so the output can be fine-tuned on and loads in Geneformer's own tools
+(``datasets.load_from_disk(OUT/hf)`` with ``--hf``).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from cellfoundry.corpus.cells import list_array, remap_csr, row_sums
 from cellfoundry.corpus.encode import RankEncoder
 from cellfoundry.corpus.filemap import PerItem, part_name, resolve, run_per_item
 from cellfoundry.corpus.ingest import file_signature
-from cellfoundry.corpus.tokenized import length_histogram, merge_histograms
+from cellfoundry.corpus.tokenized import length_histogram, merge_histograms, write_hf_layout
 from cellfoundry.genes import GeneformerDictionaries, GeneTable
 
 logger = logging.getLogger(__name__)
@@ -102,6 +107,39 @@ class DictionaryGenes:
         return col_map, report
 
 
+#: Columns every shard has; an obs column may not take one of these names.
+SHARD_COLUMNS = ("cell_id", "source", "input_ids", "length")
+
+
+def check_obs_columns(uri: str, requested: Sequence[str], available: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming ``uri``, the requested obs columns it lacks and those it
+    has (a user's list checked before any work starts)."""
+    missing = [c for c in requested if c not in available]
+    if missing:
+        raise ValueError(
+            f"{uri}: obs has no column {', '.join(map(repr, missing))} (asked for by "
+            f"--obs-columns); its obs columns are: {', '.join(available) or 'none'}"
+        )
+
+
+def parse_obs_columns(value: str | Sequence[str] | None) -> list[str]:
+    """``"cell_type,donor"`` or a list -> the column names, checked (no duplicates, no name
+    of a shard column)."""
+    if value is None:
+        return []
+    names = value.split(",") if isinstance(value, str) else list(value)
+    names = [n.strip() for n in names if n.strip()]
+    clash = sorted(set(names) & set(SHARD_COLUMNS))
+    if clash:
+        raise ValueError(
+            f"--obs-columns {clash} would replace the shards' own column(s) of that name "
+            f"({', '.join(SHARD_COLUMNS)}); rename the obs column in the file"
+        )
+    if len(set(names)) != len(names):
+        raise ValueError(f"--obs-columns names a column twice: {names}")
+    return names
+
+
 #: Why a cell is not tokenised (manifest ``counts["filtered"]``, as the corpus stage counts).
 NO_VOCABULARY_GENES = "no_vocabulary_genes"
 RECOMPUTE_FIX = (
@@ -129,16 +167,19 @@ class TokenizeChunks(PerItem):
     Cells with no vocabulary gene are dropped and counted. Cells whose ``obs["n_counts"]``
     cannot rank genes (zero, negative, NaN, infinite) make the chunk fail and are counted,
     unless ``recompute_n_counts`` (then their total raw count is used, and counted).
+    ``obs_columns`` are written as string columns ("" where a value is missing).
     Shards go to ``item["out_dir"]`` within ``filesystem`` (local when None).
     """
 
     def __init__(
-        self, plan: Any, encoder: Any, recompute_n_counts: Any = False, filesystem: Any = None
-    ) -> None:
+        self, plan: Any, encoder: Any, recompute_n_counts: Any = False, filesystem: Any = None,
+        obs_columns: Any = (),
+    ) -> None:  # fmt: skip
         self.filesystem = resolve(filesystem)
         self.plan: dict[str, Any] = resolve(plan)
         self.encoder: RankEncoder = resolve(encoder)
         self.recompute: bool = bool(resolve(recompute_n_counts))
+        self.obs_columns: list[str] = list(resolve(obs_columns))
         self.max_length = self.encoder.max_genes + (2 if self.encoder.special else 0)
 
     def process(self, item: dict[str, Any]) -> dict[str, Any]:
@@ -147,7 +188,7 @@ class TokenizeChunks(PerItem):
         result: dict[str, Any] = {"uri": uri, "error": "", "rows": 0, "cells_in": stop - start,
                                   NO_VOCABULARY_GENES: 0, "bad_n_counts": 0, "bad_example": ""}  # fmt: skip
         try:
-            chunk = sources.read_chunk(uri, p["format"], start, stop)
+            chunk = sources.read_chunk(uri, p["format"], start, stop, obs_columns=self.obs_columns)
         except (sources.SourceError, ValueError, OSError) as exc:
             # One bad file must not take down the others: report it, write nothing.
             logger.error("%s, cells %d-%d: %s", uri, start, stop, exc)
@@ -176,6 +217,8 @@ class TokenizeChunks(PerItem):
             "source": pa.array([uri] * int(tokenised.sum()), pa.string()),
             "input_ids": list_array(offsets, tokens, pa.int32()),
             "length": pa.array(np.diff(offsets), pa.int64()),
+            **{c: pa.array(chunk.obs[c][tokenised].astype(str), pa.string())
+               for c in self.obs_columns},
         })  # fmt: skip
         out = f"{item['out_dir']}/{part_name(p['index'], start)}"
         storage.write_parquet(table, out, self.filesystem)
@@ -211,8 +254,12 @@ def tokenize_files(
     rows_per_chunk: int = 4096,
     gene_table: str | None = None,
     recompute_n_counts: bool = False,
+    obs_columns: str | Sequence[str] | None = None,
+    hf: bool = False,
 ) -> dict[str, Any]:
-    """Tokenise files into ``output/*.parquet`` (cell_id, source, input_ids, length) + manifest.
+    """Tokenise files into ``output/*.parquet`` (cell_id, source, input_ids, length and the
+    ``obs_columns``) + manifest; with ``hf`` also the same rows in ``output/hf`` in the
+    layout ``datasets.save_to_disk`` writes (what Geneformer's tools load).
 
     ``output`` is a local folder or an object-store prefix (``s3://bucket/prefix``; see
     :mod:`cellfoundry.artifacts` for how it commits there; read the shards back with
@@ -223,12 +270,15 @@ def tokenize_files(
     then those cells use their total raw count, which is logged and counted
     (``counts["n_counts_recomputed"]``). Cells with no vocabulary gene are dropped and
     counted (``counts["filtered"]``); over the files written,
-    ``cells_in = cells + sum(filtered)``. Returns the manifest.
+    ``cells_in = cells + sum(filtered)``. ``obs_columns`` (names, or ``"a,b"``) must exist
+    in every readable file: else ``ValueError`` naming the file, the column and the columns
+    it has, before any cell is tokenised. Returns the manifest.
     """
 
     from cellfoundry.runtime import configure_data_context
 
     configure_data_context()  # output rows in input order
+    columns = parse_obs_columns(obs_columns)
     dg = DictionaryGenes.load(dictionaries, mode, model_input_size)
     table: GeneTable | None = None
     plan, items, quarantined, reports = {}, [], {}, {}
@@ -248,6 +298,9 @@ def tokenize_files(
             logger.error("skipping %s: %s", uri, exc)
             quarantined[uri] = str(exc)
             continue
+        # a readable file without a requested column is the user's mistake, not the file's:
+        # one clear error before any work rather than an output with that file left out
+        check_obs_columns(uri, columns, info.obs_columns)
         reports[uri] = report
         plan[uri] = {"format": info.format, "col_map": col_map, "index": len(plan)}
         rows = info.n_cells if info.format in sources.WHOLE_FILE_FORMATS else rows_per_chunk
@@ -257,7 +310,7 @@ def tokenize_files(
     config = {"inputs": list(inputs), "signatures": [file_signature(u) for u in inputs],
               "dictionaries": str(Path(dictionaries).resolve()), "mode": mode,
               "model_input_size": model_input_size, "gene_table": gene_table,
-              "recompute_n_counts": recompute_n_counts}  # fmt: skip
+              "recompute_n_counts": recompute_n_counts, "obs_columns": columns, "hf": hf}  # fmt: skip
     out = storage.normalize(output) if storage.is_remote(output) else Path(output)
     fp = artifacts.fingerprint("tokenized", config, {})
     previous = artifacts.reusable(out, "tokenized", fp)
@@ -270,7 +323,7 @@ def tokenize_files(
             item["out_dir"] = out_dir
         results = run_per_item(
             items, TokenizeChunks, plan=plan, encoder=dg.encoder,
-            recompute_n_counts=recompute_n_counts, filesystem=fs,
+            recompute_n_counts=recompute_n_counts, filesystem=fs, obs_columns=columns,
         )  # fmt: skip
         files = _file_counts(results)
         for r in results:
@@ -327,4 +380,11 @@ def tokenize_files(
         }  # fmt: skip
         w.extra["genes"] = reports
         w.extra["length_histogram"] = hist
+        shards = [
+            storage.join(w.uri, name)
+            for name in sorted(storage.list_files(w.uri, recursive=False))
+            if name.startswith("part-") and name.endswith(".parquet")
+        ]
+        if hf and shards:  # Geneformer's tools read datasets.load_from_disk(OUT/hf)
+            w.extra["hf"] = write_hf_layout(shards, storage.join(w.uri, "hf"))
     return artifacts.read_manifest(out)

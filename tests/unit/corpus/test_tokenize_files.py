@@ -12,7 +12,13 @@ import pytest
 import scipy.sparse as sp
 
 from cellfoundry.corpus.encode import RankEncoder
-from cellfoundry.corpus.tokenize_files import NO_VOCABULARY_GENES, TokenizeChunks, check_n_counts
+from cellfoundry.corpus.tokenize_files import (
+    NO_VOCABULARY_GENES,
+    TokenizeChunks,
+    check_n_counts,
+    parse_obs_columns,
+    tokenize_files,
+)
 
 # 6 file genes: the first 4 are tokens 10..13 (medians 1, 2, 1, 4), the last 2 are not tokenised.
 ENCODER = RankEncoder(
@@ -84,3 +90,59 @@ def test_bad_n_counts_fails_the_chunk_or_is_recomputed(tmp_path: Path, bad: floa
     result, tokens = _run(tmp_path, [8.0, 7.0, 0.0, bad], recompute=True)
     assert tokens == EXPECTED  # c3's n_counts is its total raw count (11) instead
     assert result["error"] == "" and result["bad_n_counts"] == 1
+
+
+def test_obs_columns_are_carried_into_the_shards(tmp_path: Path) -> None:
+    """`--obs-columns cell_type,donor`: each kept cell's values beside its tokens, in the
+    columns Geneformer's tools read (input_ids, length, the attributes)."""
+    from datasets import Dataset
+
+    obs = pd.DataFrame(
+        {"cell_type": ["T", "B", "NK", "mono"], "donor": pd.Categorical(["d1", "d1", "d2", "d2"]),
+         "age": [30, 31, 32, 33]},
+        index=["c0", "c1", "c2", "c3"],
+    )  # fmt: skip
+    var = pd.DataFrame({"ensembl_id": [f"ENSG{i:011d}" for i in range(6)]}, index=list("abcdef"))
+    path = tmp_path / "cells.h5ad"
+    ad.AnnData(X, obs=obs, var=var).write_h5ad(path)
+    udf = TokenizeChunks({str(path): {"format": "h5ad", "col_map": COL_MAP, "index": 0}}, ENCODER,
+                         obs_columns=parse_obs_columns("cell_type, donor,age"))  # fmt: skip
+    result = udf.process({"uri": str(path), "start": 0, "stop": 4, "out_dir": str(tmp_path / "o")})
+    assert result["error"] == "" and result["rows"] == 2
+    shards = sorted((tmp_path / "o").glob("part-*.parquet"))
+    rows = pq.read_table(shards).to_pylist()
+    # c1 and c2 have no vocabulary gene: dropped with their labels, rows stay aligned
+    assert [(r["cell_id"], r["cell_type"], r["donor"], r["age"]) for r in rows] == [
+        ("c0", "T", "d1", "30"),
+        ("c3", "mono", "d2", "33"),
+    ]
+    ds = Dataset.from_parquet([str(s) for s in shards])
+    assert {"input_ids", "length", "cell_type", "donor"} <= set(ds.column_names)
+    assert ds[1]["input_ids"] == EXPECTED["c3"] and ds[1]["length"] == 4
+    assert ds.filter(lambda r: r["cell_type"] == "T")["cell_id"] == ["c0"]
+
+
+def test_parse_obs_columns_refuses_shard_names_and_repeats() -> None:
+    assert parse_obs_columns(None) == [] and parse_obs_columns(["a", "b"]) == ["a", "b"]
+    with pytest.raises(ValueError, match=r"\['length'\].*rename"):
+        parse_obs_columns("cell_type,length")
+    with pytest.raises(ValueError, match="twice"):
+        parse_obs_columns("donor,donor")
+
+
+def test_missing_obs_column_is_a_clear_error(tmp_path: Path, geneformer_dir: Path) -> None:
+    """Checked for every file before any cell is tokenised (no Ray needed to fail)."""
+    import json
+
+    vocab = json.loads((geneformer_dir / "v2" / "token_dictionary_gc104M.json").read_text())
+    genes = sorted(g for g in vocab if g.startswith("ENSG"))[:6]
+    obs = pd.DataFrame({"cell_type": list("abcd"), "batch": list("xxyy")}, index=list("wxyz"))
+    path = tmp_path / "labelled.h5ad"
+    ad.AnnData(X, obs=obs, var=pd.DataFrame({"ensembl_id": genes}, index=genes)).write_h5ad(path)
+    with pytest.raises(ValueError) as info:
+        tokenize_files([str(path)], dictionaries=geneformer_dir / "v2", mode="v2",
+                       output=tmp_path / "out", obs_columns="cell_type,donor")  # fmt: skip
+    message = str(info.value)
+    assert str(path) in message and "'donor'" in message and "'cell_type'" not in message
+    assert "cell_type, batch" in message  # the columns the file has
+    assert not (tmp_path / "out" / "manifest.json").exists()
