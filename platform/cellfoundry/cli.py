@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from cellfoundry import artifacts, runtime
-from cellfoundry.logs import setup_logging
+from cellfoundry.logs import drop_stderr_lines, setup_logging
 
 logger = logging.getLogger("cellfoundry.cli")
 
@@ -84,18 +84,15 @@ def _evaluate_probe(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from cellfoundry.demo import run_demo
+    from cellfoundry.demo import run_demo, summary_text
 
     summary = run_demo(
         synthetic=True if args.synthetic else None,
         serve_api=not args.no_serve,
         output=args.output,
     )
-    print(json.dumps(summary["steps"], indent=2, default=str))
-    print(f"\ndemo over {summary['data']} into {summary['output']}; seconds per step: "
-          f"{summary['seconds']}")  # fmt: skip
-    print("\nartifacts:\n  " + "\n  ".join(summary["artifacts"]))
-    print("\npictures:\n  " + "\n  ".join(summary["pictures"]))
+    # a person reads this; the JSON (every step's full result) is in the file it names
+    print("\n" + summary_text(summary))
     return 0
 
 
@@ -319,6 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cellfoundry`` command."""
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
+    if argv is None:  # the console command, not a caller (a test) with its own stderr capture
+        drop_stderr_lines()
     try:
         with artifacts.allow_overwrite(getattr(args, "overwrite", False)):
             return int(args.func(args))

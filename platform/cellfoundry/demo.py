@@ -196,6 +196,97 @@ def outputs(root: str | Path = SMOKE) -> dict[str, list[str]]:
     }
 
 
+def _scores(summary: dict[str, Any], main: str) -> str:
+    """``full: macro F1 0.212, accuracy 0.402 (logreg 0.556, ...)`` from a comparison."""
+    first = summary.get(main, {})
+    others = [
+        f"{name} {m['macro_f1']:.3f}"
+        for name, m in summary.items()
+        if name != main and isinstance(m, dict) and "macro_f1" in m
+    ]
+    text = f"{main}: macro F1 {first.get('macro_f1', float('nan')):.3f}, accuracy {first.get('accuracy', float('nan')):.3f}"
+    return text + (f" (macro F1 of {', '.join(others)})" if others else "")
+
+
+def _figures(name: str, r: dict[str, Any]) -> str:
+    """The key figures of one demo step's result, in a few words."""
+    if r.get("reused"):
+        return "reused (same config and inputs)"
+    if name == "corpus":
+        c = r["counts"]
+        tok = c.get("tokenized", {})
+        return (
+            f"{c['passed']:,} of {c['cells_in']:,} cells passed QC ({c.get('duplicates', 0):,} "
+            f"duplicates), {tok.get('tokens', 0):,} tokens in {tok.get('shards', 0)} shards"
+        )
+    if name == "pretrain":
+        return f"{r['steps']} steps, final masked-gene loss {r['final_loss']:.3f}"
+    if name in ("finetune", "evaluate_probe"):
+        summary = r["summary"]
+        return _scores(summary, "probe" if name == "evaluate_probe" else next(iter(summary)))
+    if name == "tune":
+        best = max((t.get("best_val_macro_f1") or 0.0 for t in r.get("trials", [])), default=0.0)
+        return (
+            f"{r.get('finished_trials', 0)} trials, best val macro F1 {best:.3f}; test "
+            + _scores(r["summary"], next(iter(r["summary"])))
+        )
+    if name == "embed":
+        return f"{r['n_cells']:,} cells -> {r['h5ad']}"
+    if name == "perturb":
+        c = r["counts"]
+        return f"{c['cells_perturbed']:,} cells x {c['perturbations']} perturbations, {c['rows']:,} rows"
+    if name == "evaluate_masked":
+        return (
+            f"masked-gene accuracy {r['model_accuracy_mean']:.4f} vs rank baseline "
+            f"{r['baseline_accuracy_mean']:.4f} over {r['n_cells']:,} cells"
+        )
+    if name == "evaluate_batch":
+        return f"{r['n_cells']:,} cells, separability index {r['separability_index']:.3f}"
+    if name == "serve":
+        label = r.get("classify", {}).get("label")
+        return (
+            f"{r['url']}: /embed dim {r['embed']['dim']}, /perturb {len(r['perturb'])} results"
+            + (f", /classify {label!r}" if label else "")
+            + f", a bad request -> {r['bad_request']['status']}"
+        )
+    return "done"
+
+
+def summary_text(summary: dict[str, Any]) -> str:
+    """The demo's end for a person: each step with its seconds and key figures, where the
+    outputs and pictures are, and the JSON file with everything else."""
+    seconds = summary.get("seconds", {})
+    total = sum(seconds.values())
+    root = str(summary.get("output", ""))
+    lines = [
+        f"demo over {summary.get('data')}: {len(summary.get('steps', {}))} steps in "
+        f"{total / 60:.1f} min; outputs under {root}"
+    ]
+    for name, result in summary.get("steps", {}).items():
+        label = name.replace("_", " ")
+        try:
+            figures = _figures(name, result)
+        except (KeyError, TypeError, ValueError, StopIteration):
+            figures = "done (see the JSON summary)"
+        lines.append(f"  {label:<16} {seconds.get(label, 0):>6.0f} s  {figures}")
+    pictures = summary.get("pictures", [])
+    lines.append(f"pictures ({len(pictures)}):")
+    prefix = root.rstrip("/") + "/"
+    lines += [f"  {p[len(prefix) :] if p.startswith(prefix) else p}" for p in pictures]
+    lines.append(
+        f"artifacts: {len(summary.get('artifacts', []))}; everything in {summary_path(summary)}"
+    )
+    return "\n".join(lines)
+
+
+def summary_path(summary: dict[str, Any]) -> str:
+    """Where :func:`run_demo` wrote the summary JSON."""
+    return storage.join(str(summary.get("output") or demo_root()), SUMMARY_FILE)
+
+
+SUMMARY_FILE = "demo_summary.json"
+
+
 def run_demo(
     *, synthetic: bool | None = None, serve_api: bool = True, output: str | None = None
 ) -> dict[str, Any]:
@@ -264,8 +355,5 @@ def _run_demo(synthetic: bool | None, serve_api: bool) -> dict[str, Any]:
         "output": demo_root(),
         **outputs(demo_root()),
     }
-    storage.write_text(
-        storage.join(demo_root(), "demo_summary.json"),
-        json.dumps(summary, indent=2, default=str) + "\n",
-    )
+    storage.write_text(summary_path(summary), json.dumps(summary, indent=2, default=str) + "\n")
     return summary

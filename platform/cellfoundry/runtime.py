@@ -29,6 +29,12 @@ if "ray" not in sys.modules:
 LOCAL_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
+    # Ray Train's preemption watcher reports spot nodes being taken away; one machine has
+    # none to lose. Its actor gets the workers' handles as constructor arguments, which
+    # makes Ray log an ERROR-level line ("PreemptionWatcher ... has constructor arguments
+    # in the object store") on every training run (docs/logging.md). Clusters that are
+    # joined keep it.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
 
 AUTH_MODE, AUTH_TOKEN, AUTH_TOKEN_PATH = "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
@@ -142,13 +148,30 @@ def init_ray(cfg: RayConfig | None = None) -> bool:
     return True
 
 
-def configure_data_context() -> None:
-    """Deterministic Ray Data execution: output order follows input order, progress bars on."""
+def configure_data_context(interactive: bool | None = None) -> None:
+    """Deterministic Ray Data execution (output order follows input order) and how it shows
+    progress. ``interactive`` (default: stdout is a terminal): Ray Data's progress bars.
+    Otherwise (a log file, CI, ``ray job submit``) no bars: without a terminal Ray Data
+    would log a 10-line status block of every running dataset every 10 s; instead one line
+    when each operator starts and one when it finishes (:mod:`cellfoundry.datalog`)."""
     import ray.data
 
+    from cellfoundry import datalog
+
+    if interactive is None:
+        interactive = sys.stdout.isatty()
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = True
+    ctx.enable_progress_bars = interactive
+    if interactive:
+        datalog.unregister(ctx)
+    else:
+        datalog.register(ctx)
+        from ray.util.debug import log_once
+
+        # the first dataset would log that bars are off and how to turn them on: we chose
+        # that (uses up Ray Data's one-time warning; if the key changes it just shows)
+        log_once("ray_data_progress_manager_disabled")
 
 
 def actor_pool(pool: ActorPoolConfig) -> Any:
@@ -169,7 +192,7 @@ def job_main(
     import argparse
     import json
 
-    from cellfoundry.logs import setup_logging
+    from cellfoundry.logs import drop_stderr_lines, setup_logging
 
     parser = argparse.ArgumentParser(
         description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -182,6 +205,8 @@ def job_main(
     )  # fmt: skip
     args = parser.parse_args(argv)
     setup_logging()
+    if argv is None:  # the job script itself, not a test calling it in-process
+        drop_stderr_lines()
     from cellfoundry.artifacts import allow_overwrite
 
     with allow_overwrite(args.overwrite):

@@ -37,3 +37,55 @@ def test_outputs_lists_artifacts_and_pictures_but_not_work_folders(tmp_path: Pat
     found = demo.outputs(tmp_path)
     assert found["artifacts"] == [str(tmp_path / "eval/masked"), str(tmp_path / "model")]
     assert found["pictures"] == [str(tmp_path / "eval/masked/curve.png")]
+
+
+def _summary(root: str) -> dict:
+    return {
+        "data": "../shared/data",
+        "seconds": {"corpus": 81.8, "pretrain": 92.5, "evaluate masked": 1.7, "serve": 34.6},
+        "steps": {
+            "corpus": {
+                "counts": {
+                    "cells_in": 9568,
+                    "passed": 8366,
+                    "duplicates": 954,
+                    "tokenized": {"cells": 8366, "tokens": 7336166, "shards": 10},
+                }
+            },
+            "pretrain": {"final_loss": 8.68857, "steps": 300, "completed": True},
+            "evaluate_masked": {
+                "n_cells": 97,
+                "model_accuracy_mean": 0.0033,
+                "baseline_accuracy_mean": 0.0011,
+                "reused": False,
+            },
+            "serve": {"url": "http://127.0.0.1:8000"},  # an answer missing its figures
+        },
+        "output": root,
+        "artifacts": [f"{root}/model", f"{root}/cells"],
+        "pictures": [f"{root}/model/loss_curve.png", "s3://elsewhere/umap.png"],
+    }
+
+
+def test_summary_text_is_short_and_human(tmp_path: Path) -> None:
+    """`cellfoundry demo` ends with this instead of ~330 lines of JSON: one line per step
+    (seconds, key figures), the pictures relative to the output root, the JSON's path."""
+    text = demo.summary_text(_summary(str(tmp_path)))
+    lines = text.splitlines()
+    assert lines[0] == f"demo over ../shared/data: 4 steps in 3.5 min; outputs under {tmp_path}"
+    corpus, pretrain, masked, serve = lines[1:5]
+    assert corpus.split()[:3] == ["corpus", "82", "s"]
+    assert "8,366 of 9,568 cells passed QC (954 duplicates)" in corpus and "10 shards" in corpus
+    assert pretrain.endswith("300 steps, final masked-gene loss 8.689")
+    assert masked.split()[:4] == ["evaluate", "masked", "2", "s"] and "vs rank baseline" in masked
+    assert serve.endswith("done (see the JSON summary)")  # a missing figure never fails the end
+    assert lines[5:8] == ["pictures (2):", "  model/loss_curve.png", "  s3://elsewhere/umap.png"]
+    assert lines[-1] == f"artifacts: 2; everything in {tmp_path / 'demo_summary.json'}"
+    assert len(lines) == 9 and "{" not in text  # no JSON on the console
+
+
+def test_summary_text_says_when_a_step_reused_its_artifact(tmp_path: Path) -> None:
+    summary = _summary(str(tmp_path))
+    summary["steps"]["pretrain"]["reused"] = True
+    assert "reused (same config and inputs)" in demo.summary_text(summary).splitlines()[2]
+    assert demo.summary_path(summary) == str(tmp_path / demo.SUMMARY_FILE)

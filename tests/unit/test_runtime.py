@@ -59,3 +59,34 @@ def test_disabling_auth_is_the_users_call_and_is_warned_about(
         assert runtime.ensure_cluster_token() is None
     assert os.environ[runtime.AUTH_MODE] == "disabled"
     assert "RAY_AUTH_MODE=disabled" in caplog.text and "run code" in caplog.text
+
+
+def test_data_context_bars_on_a_terminal_operator_lines_otherwise() -> None:
+    """Interactive runs keep Ray Data's progress bars; runs without a terminal (log files,
+    CI, job logs) get one line per operator start and finish instead of status dumps."""
+    import ray.data
+
+    from cellfoundry import datalog
+
+    ctx = ray.data.DataContext.get_current()
+    before = (ctx.enable_progress_bars, list(ctx.custom_execution_callback_classes))
+    try:
+        runtime.configure_data_context(interactive=False)
+        assert not ctx.enable_progress_bars and ctx.execution_options.preserve_order
+        runtime.configure_data_context(interactive=False)  # registered once
+        assert ctx.custom_execution_callback_classes.count(datalog.OperatorLines) == 1
+        assert datalog.OperatorLines in ctx.execution_callback_classes  # what Ray Data builds
+        runtime.configure_data_context(interactive=True)
+        assert ctx.enable_progress_bars
+        assert datalog.OperatorLines not in ctx.custom_execution_callback_classes
+    finally:
+        ctx.enable_progress_bars = before[0]
+        ctx.custom_execution_callback_classes[:] = before[1]
+
+
+def test_local_clusters_run_without_ray_trains_preemption_watcher() -> None:
+    """Its actor takes the workers' handles as arguments, which makes Ray log an ERROR line
+    on every training run; a single machine has no spot nodes to watch."""
+    from ray.train.v2._internal.constants import ENABLE_PREEMPTION_WATCHER_ENV_VAR as name
+
+    assert runtime.LOCAL_ENV[name] == "0"

@@ -252,6 +252,9 @@ class FinetuneJobConfig:
     for ``cellfoundry finetune``)."""
     seed: int = 0
     """Head initialisation, data order, dropout and few-shot sampling."""
+    log_every: int = 20
+    """Optimizer steps between progress lines (step, loss, cells/s, ETA) on the console;
+    every epoch also ends with its validation line. Does not change the model."""
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
@@ -259,6 +262,8 @@ class FinetuneJobConfig:
             self.output_dir = location(self.output_dir)
         if self.scaling.num_workers != 1:
             raise ValueError("scaling.num_workers must be 1: a fine-tuning run is one worker")
+        if self.log_every < 1:
+            raise ValueError("log_every must be >= 1 (optimizer steps between progress lines)")
         if self.model.mode == "probe" and self.task.kind == "gene":
             raise ValueError("model.mode probe is for cells; use full or qlora for task.kind gene")
 

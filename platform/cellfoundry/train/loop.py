@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from cellfoundry import progress
 from cellfoundry.config.loader import config_to_dict, parse_config
 from cellfoundry.config.train import PretrainJobConfig
 from cellfoundry.logs import setup_logging
@@ -112,6 +113,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = parse_config(PretrainJobConfig, config["job"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if rank == 0:  # rank 0's lines (and warnings) on the driver's console
+        progress.install(config.get("progress"))
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
     settings = resolve_settings(
@@ -153,7 +156,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         logger.info(
             "training steps %d..%d of %d (warm-up %d, %d per epoch), %d workers, ZeRO-%d, %s, %s",
             start + 1, end, plan.total_steps, plan.warmup_steps, plan.steps_per_epoch, world,
-            cfg.deepspeed.stage, settings.dtype, device,
+            cfg.deepspeed.stage, settings.dtype, device, extra=progress.PROGRESS,
         )  # fmt: skip
         params = _flatten(config_to_dict(cfg))
         params.update(
@@ -172,6 +175,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     accum = cfg.optim.grad_accum
     window, last = Window(device), {"step": start, "loss": float("nan"), "accuracy": float("nan")}
     engine.train()
+    run_started = time.perf_counter()  # for the ETA: this run's pace, evaluations included
     for step in range(start, end):
         _maybe_fail(step, rank, cfg.tracking.log_dir or "")
         lr = engine.get_lr()[0]
@@ -212,9 +216,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if metrics_log is not None:
                 metrics_log.log(last)
                 logger.info(
-                    "step %d/%d loss %.4f acc %.4f lr %.3g %.0f tokens/s%s", done,
-                    plan.total_steps, last["loss"], last["accuracy"], lr, last["tokens_per_s"],
-                    f" val_loss {last['val_loss']:.4f}" if eval_now else "",
+                    "step %d/%d loss %.4f acc %.4f%s lr %.3g %.0f tokens/s ETA %s", done,
+                    plan.total_steps, last["loss"], last["accuracy"],
+                    f" val_loss {last['val_loss']:.4f}" if eval_now else "", lr,
+                    last["tokens_per_s"],
+                    progress.eta(done - start, end - start, time.perf_counter() - run_started),
+                    extra=progress.PROGRESS,
                 )  # fmt: skip
             window = Window(device)  # evaluation time is not training time
         if save_now:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cellfoundry import artifacts, runtime, storage
+from cellfoundry import artifacts, progress, runtime, storage
 from cellfoundry.config.loader import config_to_dict
 from cellfoundry.config.train import PretrainJobConfig
 from cellfoundry.integrity import KEY_ENV
@@ -181,11 +181,6 @@ def run_pretrain(cfg: PretrainJobConfig) -> PretrainResult:
 def _fit(cfg: PretrainJobConfig, spec: RunSpec) -> Any:
     """Run the TorchTrainer; returns Ray's ``Result``."""
     runtime.init_ray(cfg.ray)
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from cellfoundry.train.network import NodeBoundTorchConfig
-
     env = {
         k: v
         for k, v in os.environ.items()
@@ -203,10 +198,27 @@ def _fit(cfg: PretrainJobConfig, spec: RunSpec) -> Any:
         # Ray's own S3FileSystem() would ignore AWS_ENDPOINT_URL: hand it ours (configured
         # from the environment, pickled to the controller and workers) and the bare path.
         storage_fs, storage_path = storage.resolve(storage_path or "")
+    with progress.relay() as link:  # rank 0's step lines on this console
+        return _trainer(cfg, spec, loop, env, storage_path, storage_fs, link).fit()
+
+
+def _trainer(
+    cfg: PretrainJobConfig, spec: RunSpec, loop: Any, env: dict[str, str], storage_path: str | None,
+    storage_fs: Any, link: progress.ProgressLink | None,
+) -> Any:  # fmt: skip
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from cellfoundry.train.network import NodeBoundTorchConfig
+
     trainer = TorchTrainer(
         loop,
         # the driver's shard index: workers read only their blocks, never all footers
-        train_loop_config={"job": config_to_dict(cfg), "indexes": spec.indexes_state()},
+        train_loop_config={
+            "job": config_to_dict(cfg),
+            "indexes": spec.indexes_state(),
+            "progress": link,
+        },
         torch_config=NodeBoundTorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
@@ -222,7 +234,7 @@ def _fit(cfg: PretrainJobConfig, spec: RunSpec) -> Any:
             worker_runtime_env={"env_vars": env} if env else None,
         ),
     )
-    return trainer.fit()
+    return trainer
 
 
 def _write_model_artifact(

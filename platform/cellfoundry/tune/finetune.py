@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from cellfoundry import artifacts, runtime
+from cellfoundry import artifacts, progress, runtime
 from cellfoundry.config.loader import config_to_dict, load_config
 from cellfoundry.config.tune import FinetuneJobConfig
 from cellfoundry.storage import StorageEnv
@@ -32,7 +32,8 @@ LABELS_FILE = "label_mapping.json"
 
 def _fingerprint_config(cfg: FinetuneJobConfig) -> dict[str, Any]:
     data = config_to_dict(cfg)
-    data.pop("ray")
+    for key in ("ray", "log_every"):  # how it runs and talks, not what it makes
+        data.pop(key)
     return data
 
 
@@ -89,15 +90,17 @@ def write_finetuned_artifact(
 
 def finetune_local(
     cfg: FinetuneJobConfig, claim: artifacts.OutputClaim | None = None,
-    settings: StorageEnv | None = None,
+    settings: StorageEnv | None = None, link: progress.ProgressLink | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Everything in this process: prepare, train and compare, write the artifact; returns
     the JSON summary (what the Ray task of :func:`run_finetune` returns). ``claim``: the
     hold on ``output_dir`` of the run that started this task (else it is claimed here);
-    ``settings``: the object-storage settings of the driver that started it."""
+    ``settings``: the object-storage settings of the driver that started it; ``link``: its
+    console (:func:`cellfoundry.progress.relay`)."""
     from cellfoundry.logs import setup_logging
 
     setup_logging()  # also inside a Ray worker
+    progress.install(link)
     if cfg.output_dir is None:
         raise ValueError("output_dir is not set: give the folder of the fine-tuned model artifact")
     with (
@@ -146,7 +149,8 @@ def run_finetune(cfg: FinetuneJobConfig) -> dict[str, Any]:
         settings = StorageEnv.capture(
             cfg.output_dir, cfg.model.model_dir, cfg.data.tokenized, cfg.data.cells
         )
-        return ray.get(task.remote(cfg, claim, settings))
+        with progress.relay() as link:  # the task's step and epoch lines on this console
+            return ray.get(task.remote(cfg, claim, settings, link))
 
 
 def run_finetune_job(

@@ -17,6 +17,7 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
+from cellfoundry import progress
 from cellfoundry.config.tune import FinetuneJobConfig
 from cellfoundry.train.optim import param_groups
 from cellfoundry.tune.data import IGNORE_INDEX, LabelledCells
@@ -97,6 +98,15 @@ def evaluate(
     return {**classification_metrics(y, s, data.label_names), "y_true": y, "scores": s}
 
 
+def cross_entropy(y_true: np.ndarray, probabilities: np.ndarray) -> float:
+    """Mean negative log probability of the true class: int [n], float [n, k] -> nats
+    (the validation loss beside the training loss; NaN for no rows)."""
+    if len(y_true) == 0:
+        return float("nan")
+    p = probabilities[np.arange(len(y_true)), y_true]
+    return float(-np.log(np.clip(p, 1e-12, 1.0)).mean())
+
+
 def autocast(device: torch.device) -> Any:
     """bf16 autocast on a GPU that supports it (fp32 master weights), else nothing."""
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -151,10 +161,12 @@ def train_classifier(
         optimizer.load_state_dict(state.optimizer)
         scheduler.load_state_dict(state.scheduler or {})
     metrics: dict[str, Any] = {}
+    run_started, first_step = time.perf_counter(), state.step  # the ETA: this run's pace
     for epoch in range(state.epoch, opt_cfg.num_train_epochs):
         model.train()
         order = np.random.default_rng([cfg.seed, epoch]).permutation(data.train_rows)
         losses, start, seen = [], time.perf_counter(), 0
+        window_cells, window_start = 0, start
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout
         for b in tqdm(
             range(batches_per_epoch), desc=f"epoch {epoch + 1}", leave=False, mininterval=5
@@ -170,20 +182,38 @@ def train_classifier(
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(out.loss.detach()))
             seen += len(batch["input_ids"])
+            window_cells += len(batch["input_ids"])
             state.step += 1
+            if state.step % cfg.log_every == 0:
+                now = time.perf_counter()
+                logger.info(
+                    "epoch %d/%d step %d/%d loss %.4f %.0f cells/s ETA %s",
+                    epoch + 1, opt_cfg.num_train_epochs, state.step, total,
+                    float(np.mean(losses[-cfg.log_every :])),
+                    window_cells / max(now - window_start, 1e-9),
+                    progress.eta(state.step - first_step, total - first_step, now - run_started),
+                    extra=progress.PROGRESS,
+                )  # fmt: skip
+                window_cells, window_start = 0, now
         elapsed = time.perf_counter() - start
         val = evaluate(model, data, "val", batch_size, device)
         state.epoch = epoch + 1
         state.optimizer, state.scheduler = optimizer.state_dict(), scheduler.state_dict()
         metrics = {
             "epoch": state.epoch, "step": state.step, "train_loss": float(np.mean(losses)),
+            "val_loss": cross_entropy(val["y_true"], val["scores"]),
             "val_macro_f1": val["macro_f1"], "val_accuracy": val["accuracy"],
             "val_roc_auc_ovr": val["roc_auc_ovr"], "samples_per_s": seen / max(elapsed, 1e-9),
             "lr": scheduler.get_last_lr()[0],
         }  # fmt: skip
         logger.info(
-            "epoch %d/%d: loss %.4f, val macro F1 %.3f, accuracy %.3f",
-            state.epoch, opt_cfg.num_train_epochs, metrics["train_loss"], val["macro_f1"], val["accuracy"],
+            "epoch %d/%d done: loss %.4f val_loss %.4f val macro F1 %.3f accuracy %.3f "
+            "(%.0f cells/s) ETA %s",
+            state.epoch, opt_cfg.num_train_epochs, metrics["train_loss"], metrics["val_loss"],
+            val["macro_f1"], val["accuracy"], metrics["samples_per_s"],
+            progress.eta(state.step - first_step, total - first_step,
+                         time.perf_counter() - run_started),
+            extra=progress.PROGRESS,
         )  # fmt: skip
         if on_epoch is not None:
             on_epoch(metrics, model, state)

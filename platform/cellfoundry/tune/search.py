@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from cellfoundry import artifacts, runtime, storage
+from cellfoundry import artifacts, progress, runtime, storage
 from cellfoundry.config.loader import config_to_dict, load_config, parse_config
 from cellfoundry.config.tune import FinetuneJobConfig, TuneJobConfig
 from cellfoundry.storage import StorageEnv
@@ -60,14 +60,19 @@ def trial_config(job: dict[str, Any], params: dict[str, Any]) -> FinetuneJobConf
 
 
 def tune_trial(
-    params: dict[str, Any], job: dict[str, Any], settings: StorageEnv | None = None
-) -> None:
+    params: dict[str, Any], job: dict[str, Any], settings: StorageEnv | None = None,
+    link: progress.ProgressLink | None = None,
+) -> None:  # fmt: skip
     """One Tune trial: fine-tune on the first split with ``params``, report validation
     metrics and a checkpoint (trainable weights + optimizer) every epoch; resume from the
-    trial's checkpoint when Tune restarts it. ``settings``: the driver's storage settings."""
+    trial's checkpoint when Tune restarts it. ``settings``: the driver's storage settings;
+    ``link``: its console (lines tagged with the trial's id)."""
+    import ray.tune
+
     from cellfoundry.logs import setup_logging
 
     setup_logging()
+    progress.install(link, tag=f"trial {ray.tune.get_context().get_trial_id()}")
     with (settings or StorageEnv()).applied():
         _trial(params, job)
 
@@ -101,7 +106,8 @@ def _fingerprint_config(cfg: TuneJobConfig) -> dict[str, Any]:
     data = config_to_dict(cfg)
     for key in ("ray", "interrupt_after_trials"):
         data.pop(key)
-    data["finetune"].pop("ray")
+    for key in ("ray", "log_every"):  # how trials run and talk, not what they make
+        data["finetune"].pop(key)
     return data
 
 
@@ -136,7 +142,10 @@ def claim_remote_run(cfg: TuneJobConfig, fingerprint: str) -> None:
     storage.write_text(marker, fingerprint + "\n")
 
 
-def _tuner(cfg: TuneJobConfig, job: dict[str, Any], settings: StorageEnv) -> Any:
+def _tuner(
+    cfg: TuneJobConfig, job: dict[str, Any], settings: StorageEnv,
+    link: progress.ProgressLink | None = None,
+) -> Any:  # fmt: skip
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.hyperopt import HyperOptSearch
@@ -146,7 +155,7 @@ def _tuner(cfg: TuneJobConfig, job: dict[str, Any], settings: StorageEnv) -> Any
     if ft.scaling.use_gpu:
         res.setdefault("GPU", 1)
     trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(tune_trial, job=job, settings=settings), res
+        ray.tune.with_parameters(tune_trial, job=job, settings=settings, link=link), res
     )
     storage_path, fs = _run_storage(cfg)
     path = (
@@ -200,13 +209,16 @@ def _tuner(cfg: TuneJobConfig, job: dict[str, Any], settings: StorageEnv) -> Any
 def export_best(
     cfg: TuneJobConfig, params: dict[str, Any], checkpoint: Any, trials: list[dict[str, Any]],
     claim: artifacts.OutputClaim | None = None, settings: StorageEnv | None = None,
+    link: progress.ProgressLink | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Rebuild the best trial's model from its best checkpoint, score it (and the baselines)
     on the test split and write the ``finetuned`` artifact at ``cfg.output_dir`` (joining
-    ``claim``, the hold of the search's run on it) with the driver's storage ``settings``."""
+    ``claim``, the hold of the search's run on it) with the driver's storage ``settings``;
+    its warnings go to the driver's console through ``link``."""
     from cellfoundry.logs import setup_logging
 
     setup_logging()
+    progress.install(link)
     with (settings or StorageEnv()).applied():
         return _export(cfg, params, checkpoint, trials, claim)
 
@@ -264,7 +276,8 @@ def _search(cfg: TuneJobConfig, claim: artifacts.OutputClaim) -> dict[str, Any]:
     ft = cfg.finetune
     settings = StorageEnv.capture(cfg.output_dir, cfg.run.storage_path, ft.model.model_dir,
                                        ft.data.tokenized, ft.data.cells)  # fmt: skip
-    results = _tuner(cfg, job, settings).fit()
+    with progress.relay() as link:  # the trials' step and epoch lines on this console
+        results = _tuner(cfg, job, settings, link).fit()
     trials = trial_table(results, cfg.tune.metric)
     finished = sum(t["status"] == "TERMINATED" for t in trials)
     summary: dict[str, Any] = {"output_dir": cfg.output_dir, "experiment": results.experiment_path,
@@ -284,7 +297,8 @@ def _search(cfg: TuneJobConfig, claim: artifacts.OutputClaim) -> dict[str, Any]:
     res = dict(ft.scaling.resources_per_worker or {"CPU": 1})
     task = ray.remote(export_best).options(num_cpus=res.pop("CPU", 1), num_gpus=res.pop("GPU", int(ft.scaling.use_gpu)),
                                            resources=res or None, max_retries=0)  # fmt: skip
-    exported = ray.get(task.remote(cfg, params, checkpoint, trials, claim, settings))
+    with progress.relay() as link:
+        exported = ray.get(task.remote(cfg, params, checkpoint, trials, claim, settings, link))
     return {**summary, **exported, "best_params": params, "completed": True}
 
 
