@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from cellfoundry import artifacts, runtime
-from cellfoundry.logs import drop_stderr_lines, setup_logging
+from cellfoundry.logs import drop_stderr_lines, no_bars_without_terminal, setup_logging
 
 logger = logging.getLogger("cellfoundry.cli")
 
@@ -317,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     if argv is None:  # the console command, not a caller (a test) with its own stderr capture
+        no_bars_without_terminal()
         drop_stderr_lines()
     try:
         with artifacts.allow_overwrite(getattr(args, "overwrite", False)):

@@ -31,6 +31,15 @@ def setup_logging(level: str | int | None = None) -> None:
     logger.propagate = False
 
 
+def no_bars_without_terminal() -> None:
+    """Without a terminal on stderr (a log file, CI, ``ray job submit``), turn tqdm's bars
+    off (``TQDM_DISABLE=1``: ours, transformers' weight loading): there each redraw would
+    be a line of its own. Only for entrypoints, before tqdm is imported (tqdm reads the
+    variable then); Ray workers started by this process inherit it. A user's value wins."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_DISABLE", "1")
+
+
 #: Console lines that are known false alarms, dropped by :func:`drop_stderr_lines` (they
 #: stay in Ray's own log files). Ray Data puts every actor pool's map function in the
 #: object store and creates the pool's actors with ``max_restarts=-1``, so Ray's core worker

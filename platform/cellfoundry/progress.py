@@ -14,7 +14,8 @@ Why an actor rather than ``ray.train.report`` metrics: reports reach Ray Train's
 controller, not the driver (and ``Result.metrics`` keeps only reports with a checkpoint),
 Tune trials and plain tasks have other channels again, and a driver-side callback would
 see numbers, not the worker's line. One actor handle works the same for Train workers,
-Tune trials and tasks, on any node, and costs one idle process (``num_cpus=0``). When
+Tune trials and tasks, on any node, and costs one idle process (``num_cpus=0``, one per
+driver). When
 the driver already receives workers' output (it joined a cluster, ``log_to_driver=True``),
 no relay is made, so no line is printed twice.
 """
@@ -163,7 +164,7 @@ def emit(lines: list[Line]) -> None:
 
 @contextlib.contextmanager
 def relay(poll_s: float = 1.0) -> Iterator[ProgressLink | None]:
-    """On the driver: a relay actor and a thread that logs what workers send to it, every
+    """On the driver: the relay actor and a thread that logs what workers send to it, every
     ``poll_s`` seconds and once more at the end; yields the link to hand to workers, or
     None when there is nothing to do (Ray not started, workers' output already reaches
     this driver, or ``CELLFOUNDRY_PROGRESS=0``)."""
@@ -172,7 +173,7 @@ def relay(poll_s: float = 1.0) -> Iterator[ProgressLink | None]:
     if not ray.is_initialized() or os.environ.get(ENV, "1") == "0" or driver_sees_worker_output():
         yield None
         return
-    board = ray.remote(num_cpus=0, max_restarts=0)(ProgressBoard).remote()
+    board = _board()
     stop = threading.Event()
 
     def pump() -> None:
@@ -191,5 +192,20 @@ def relay(poll_s: float = 1.0) -> Iterator[ProgressLink | None]:
         thread.join()
         with contextlib.suppress(Exception):
             emit(ray.get(board.drain.remote(), timeout=30))
-        with contextlib.suppress(Exception):
-            ray.kill(board)
+
+
+_BOARDS: dict[str, Any] = {}
+
+
+def _board() -> Any:
+    """The relay actor of this driver's Ray job, made once (starting a process costs about
+    a second; every stage of a demo or test session reuses it). It ends with the job."""
+    import ray
+
+    context = ray.get_runtime_context()
+    # job ids restart with every cluster: the node names the cluster this handle lives in
+    job = f"{context.get_node_id()}/{context.get_job_id()}"
+    if job not in _BOARDS:
+        _BOARDS.clear()  # a previous Ray session's actor is gone with it
+        _BOARDS[job] = ray.remote(num_cpus=0, max_restarts=0)(ProgressBoard).remote()
+    return _BOARDS[job]

@@ -192,7 +192,7 @@ def job_main(
     import argparse
     import json
 
-    from cellfoundry.logs import drop_stderr_lines, setup_logging
+    from cellfoundry.logs import drop_stderr_lines, no_bars_without_terminal, setup_logging
 
     parser = argparse.ArgumentParser(
         description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -206,6 +206,7 @@ def job_main(
     args = parser.parse_args(argv)
     setup_logging()
     if argv is None:  # the job script itself, not a test calling it in-process
+        no_bars_without_terminal()
         drop_stderr_lines()
     from cellfoundry.artifacts import allow_overwrite
 

@@ -62,3 +62,20 @@ def test_it_can_be_turned_off() -> None:
          "print(d())"], capture_output=True, text=True, timeout=60, env=env,
     )  # fmt: skip
     assert done.stdout.strip() == "False"
+
+
+def test_tqdm_bars_are_off_without_a_terminal() -> None:
+    """Each redraw of a bar would be a line of its own in a log file."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    code = (
+        "from cellfoundry.logs import no_bars_without_terminal as n\n"
+        "n()\nfrom tqdm import tqdm\nfor _ in tqdm(range(3), desc='bar'): pass\n"
+        "import os; print(os.environ['TQDM_DISABLE'])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "1" and "bar" not in done.stderr

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -276,6 +277,11 @@ def _search(cfg: TuneJobConfig, claim: artifacts.OutputClaim) -> dict[str, Any]:
     ft = cfg.finetune
     settings = StorageEnv.capture(cfg.output_dir, cfg.run.storage_path, ft.model.model_dir,
                                        ft.data.tokenized, ft.data.cells)  # fmt: skip
+    if not storage.is_remote(cfg.run.storage_path or ""):
+        # Tune warns (several lines, every few seconds of a small search) when it snapshots
+        # the experiment often; a snapshot on a local disk costs nothing worth a warning.
+        # 0 turns the warning off, as its own message says; a user's value wins.
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     with progress.relay() as link:  # the trials' step and epoch lines on this console
         results = _tuner(cfg, job, settings, link).fit()
     trials = trial_table(results, cfg.tune.metric)
