@@ -13,8 +13,9 @@ real tokens; the hidden states are unpacked into the padded layout, so pooling i
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,17 +126,27 @@ class TruncatedEncoder:
             yield EncodedBatch(index, lengths, self(ids, mask), ids)
 
 
+def _parameters(fn: Callable[..., object]) -> frozenset[str]:
+    """Names of ``fn``'s parameters (microseconds: negligible beside a forward pass)."""
+    return frozenset(inspect.signature(fn).parameters)
+
+
 def _attention_mask(base: torch.nn.Module, mask: torch.Tensor, hidden: torch.Tensor) -> object:
     """The mask the model's attention implementation expects (built by transformers)."""
     create = getattr(base, "_create_attention_masks", None)
     if create is not None:
-        mask, _ = create(
-            attention_mask=mask,
-            encoder_attention_mask=None,
-            embedding_output=hidden,
-            encoder_hidden_states=None,
-            cache=None,
-        )
+        # A private method whose arguments change between releases (5.25 added a required
+        # position_ids): pass what this one takes, position_ids as the model would (None).
+        kwargs: dict[str, object] = {
+            "attention_mask": mask,
+            "encoder_attention_mask": None,
+            "embedding_output": hidden,
+            "encoder_hidden_states": None,
+            "cache": None,
+        }
+        if "position_ids" in _parameters(create):
+            kwargs["position_ids"] = None
+        mask, _ = create(**kwargs)
         return mask
     # older transformers: additive 4-D mask
     return base.get_extended_attention_mask(mask, mask.shape, dtype=hidden.dtype)
