@@ -181,7 +181,8 @@ def test_resume_and_worker_failure_reproduce_the_reference(
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-5, abs=1e-7), (step, key)
 
 
-@pytest.mark.parametrize("stage", [1, 3])
+# ZeRO-1 differs from ZeRO-2 least (optimizer states sharded, gradients not): `make test-all`
+@pytest.mark.parametrize("stage", [pytest.param(1, marks=pytest.mark.slow), 3])
 def test_zero_stages_match_zero2(
     tokens: Path, reference: tuple[PretrainJobConfig, PretrainResult], stage: int
 ) -> None:
