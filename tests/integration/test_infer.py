@@ -23,6 +23,7 @@ from cellfoundry.infer.outputs import GENE_SCHEMA
 from cellfoundry.infer.perturb import RESULT_SCHEMA, perturb_cells
 from cellfoundry.infer.perturb_job import run_perturb, select_cells
 from cellfoundry.infer.perturb_ops import perturbation_from_genes
+from cellfoundry.infer.states import sample_state_cells
 
 ATOL = 1e-4
 
@@ -120,14 +121,16 @@ def test_perturb_job_equals_direct_and_resumes(
     )  # fmt: skip
     result = run_perturb(cfg)
     screen = pl.read_parquet(sorted((result.artifact / "screen").glob("*.parquet")))
-    # direct, in-process: same cells in shard order, the goal from the first 40 pbmc3k cells;
+    # direct, in-process: same cells in shard order, the goal from the job's seeded sample of
+    # 40 pbmc3k cells (goal.seed 0: the 40 smallest blake2b(seed, cell_id));
     # the job's defaults: Geneformer's metric, <cls> pooling on this V2 model, 2 controls
     e = Embedder(tiny_model, batch_size=16, pooling="cls")
     pbmc3k = pa.concat_tables(
         select_cells(pq.read_table(f), {"dataset_id": ["pbmc3k"]}, None)
         for f in shards(pbmc_corpus)
     )
-    goal_vec = e.embed_cells(cells_of(pbmc3k.slice(0, 40))).mean(0)
+    goal_cells = sample_state_cells(pbmc3k, "dataset_id", ["pbmc3k"], 40, seed=0)
+    goal_vec = e.embed_cells(cells_of(goal_cells)).mean(0)
     perts = [perturbation_from_genes(s["kind"], s["genes"], vocab) for s in specs]
     ids = [i for t in selected for i in t["cell_id"].to_pylist()]
     direct = pl.from_arrow(

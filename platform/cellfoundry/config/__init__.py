@@ -7,6 +7,7 @@ from cellfoundry.config.infer import (
     InferComputeConfig,
     PerturbationSpec,
     PerturbJobConfig,
+    StartConfig,
 )
 from cellfoundry.config.loader import ConfigError, config_to_dict, load_config, parse_config
 from cellfoundry.config.schema import (
@@ -84,6 +85,7 @@ __all__ = [
     "RunConfig",
     "ScalingConfig",
     "SplitConfig",
+    "StartConfig",
     "TaskConfig",
     "TokenizeConfig",
     "TrackingConfig",

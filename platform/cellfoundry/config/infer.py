@@ -171,12 +171,50 @@ class PerturbationSpec:
 
 @dataclass
 class GoalConfig:
-    """Goal state: the mean embedding of the cells whose ``column`` equals ``value``."""
+    """Goal state (Geneformer's ``goal_state``): the mean (or median) embedding of a seeded
+    random sample of the cells whose ``column`` equals ``value``; ``alternatives``: other
+    values of the same column (Geneformer's ``alt_states``), each summarised the same way,
+    toward which the shift is also reported."""
 
     column: str
     value: str
     max_cells: int = 2000
-    """Goal cells embedded (the first ones in shard order)."""
+    """Goal cells embedded per state: a random sample of this many when more match."""
+    seed: int = 0
+    """Seed of the sample. A cell is drawn by a hash of (seed, cell_id), so the sample
+    depends on the cells and the seed only, not on shard order or the number of shards."""
+    statistic: Literal["mean", "median"] = "mean"
+    """How the sampled cells' embeddings make the state's embedding: their mean, or their
+    element-wise median (Geneformer's ``exact_median``, which takes the lower middle value
+    of an even count where this takes the average of the two)."""
+    alternatives: list[str] = field(default_factory=list)
+    """Other states of ``column``: the shift toward each is also reported, in the screen
+    column ``alt_shift:<state>`` and the stats columns ``alt_shift_mean:<state>`` /
+    ``alt_shift_std:<state>`` (Geneformer's ``Shift_to_alt_end_<state>``)."""
+
+    def __post_init__(self) -> None:
+        if self.max_cells < 1:
+            raise ValueError("goal.max_cells must be >= 1 (goal cells sampled per state)")
+        self.alternatives = [str(a) for a in self.alternatives]
+        if self.value in self.alternatives or len(set(self.alternatives)) != len(self.alternatives):
+            raise ValueError(
+                "goal.alternatives: list other states of goal.column, each once and not "
+                f"goal.value ({self.value!r})"
+            )
+
+    @property
+    def states(self) -> list[str]:
+        """The goal state first, then the alternatives."""
+        return [self.value, *self.alternatives]
+
+
+@dataclass
+class StartConfig:
+    """Start state (Geneformer's ``start_state``): only cells whose ``column`` equals
+    ``value`` are perturbed."""
+
+    column: str
+    value: str
 
 
 @dataclass
@@ -238,6 +276,9 @@ class PerturbJobConfig:
     """Per-gene embedding cosines of the genes left in place (large for genome-wide screens)."""
     goal: GoalConfig | None = None
     """Goal state for the goal shift; null: no goal shift (tests use the cell shift)."""
+    start: StartConfig | None = None
+    """Start state: perturb only the cells in it, e.g. {column: disease, value: dcm}
+    (Geneformer's ``start_state``); applied with ``filter``; null: every cell."""
     null_screen: str | None = None
     """A screen artifact (folder or URI) of the same perturbations in null conditions (e.g.
     other cells, or an untrained model): each perturbation is tested against that screen's
@@ -254,7 +295,8 @@ class PerturbJobConfig:
     perturbation do not depend on which others are listed)."""
     filter: dict[str, list[str]] = field(default_factory=dict)
     """Perturb only cells whose metadata column is one of the values, e.g.
-    {cell_type: [CD14+ Monocyte]}."""
+    {cell_type: [CD14+ Monocyte]} (Geneformer's ``filter_data``; the start state is
+    ``start``)."""
     max_cells: int | None = None
     """Perturb at most this many cells per shard; null: all."""
     max_sequences: int = 2048
@@ -283,3 +325,14 @@ class PerturbJobConfig:
             raise ValueError("max_cells must be >= 1 (or null for all cells)")
         if self.max_sequences < 1:
             raise ValueError("max_sequences must be >= 1")
+        if self.start is not None and self.start.column in self.filter:
+            raise ValueError(
+                f"start.column {self.start.column!r} is also in filter: give the start state "
+                "once (start: {column, value})"
+            )
+
+    @property
+    def cell_filter(self) -> dict[str, list[str]]:
+        """The cells perturbed: ``filter`` and the start state together (column -> values)."""
+        start = {self.start.column: [self.start.value]} if self.start is not None else {}
+        return {**self.filter, **start}

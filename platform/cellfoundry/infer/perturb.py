@@ -13,7 +13,11 @@ before and after (positions re-aligned after a deletion or a move). ``metric`` s
 - ``pooled``: the cosine of the pooled cell embeddings (the embedder's ``pooling``), an
   overexpression compared with the whole original.
 
-Genome-wide overexpression skips each cell's top-ranked gene (a no-op). With ``null_draws``,
+Genome-wide overexpression skips each cell's top-ranked gene (a no-op). With an
+``anchor_gene``, a genome-wide screen perturbs the anchor together with each other gene of
+every cell that expresses the anchor (Geneformer's ``anchor_gene``: ``kind:ANCHOR+GENE``
+rows; cells without it give none). ``alternatives`` (state -> embedding) add the shift
+toward each alternative state, ``alt_shift:<state>`` (Geneformer's ``alt_states``). With ``null_draws``,
 each listed perturbation that applies to a cell also gets that many controls there (rows
 with ``control`` true, under the perturbation's label): the same kind on random genes of
 about the same ranks, seeded per (cell, perturbation), so a perturbation's null does not
@@ -29,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,9 +49,11 @@ __all__ = [
     "METRICS",
     "RESULT_SCHEMA",
     "Perturbation",
+    "alt_column",
     "iter_perturb_cells",
     "perturb_cells",
     "result_metadata",
+    "result_schema",
 ]
 
 METRICS = ("geneformer", "pooled")
@@ -70,14 +76,39 @@ RESULT_SCHEMA = pa.schema(
 """One row per (cell, perturbation) that applied, in input cell order then perturbation
 order, each followed by its controls (``control`` true: the perturbation's label, the
 control's genes in ``perturbed_token_ids``); ``goal_shift`` is null without a goal, the
-gene lists are empty without gene shifts. Tables carry :func:`result_metadata`."""
+gene lists are empty without gene shifts. Tables carry :func:`result_metadata`; with
+alternative states, :func:`result_schema` adds a column per state."""
+
+ALT_PREFIX = "alt_shift:"
+
+
+def alt_column(state: str) -> str:
+    """The column of the shift toward alternative state ``state``."""
+    return f"{ALT_PREFIX}{state}"
+
+
+def result_schema(alternatives: Sequence[str] = ()) -> pa.Schema:
+    """:data:`RESULT_SCHEMA` plus ``alt_shift:<state>`` (float32) per alternative state:
+    cos(perturbed, state) - cos(original, state), as the goal shift."""
+    schema = RESULT_SCHEMA
+    for state in alternatives:
+        schema = schema.append(pa.field(alt_column(state), pa.float32()))
+    return schema
+
+
+def precision_of(embedder: Embedder) -> str:
+    """The precision the embedder's weights run in (``fp32``, ``bf16``, ``fp16``, or the
+    torch dtype's name)."""
+    dtype = next(embedder.model.parameters()).dtype
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    return names.get(dtype, str(dtype).removeprefix("torch."))
 
 
 def result_metadata(embedder: Embedder, metric: str) -> dict[str, str]:
     """What a result was computed with (the schema metadata of its tables): ``metric``,
     ``layer`` (ours), ``emb_layer`` (Geneformer's), ``pooling`` (goal shift, and cell shift
-    with ``metric="pooled"``), ``cell_embedding`` (what ``cell_cos`` compares) and
-    ``overexpress_original``."""
+    with ``metric="pooled"``), ``cell_embedding`` (what ``cell_cos`` compares),
+    ``overexpress_original`` and ``precision`` (of the weights, :func:`precision_of`)."""
     v2 = embedder.cls_id is not None
     if metric == "geneformer":
         cell = "<cls> state" if v2 else "mean of per-gene cosines of the genes left in place"
@@ -92,6 +123,7 @@ def result_metadata(embedder: Embedder, metric: str) -> dict[str, str]:
         "pooling": embedder.pooling,
         "cell_embedding": cell,
         "overexpress_original": original,
+        "precision": precision_of(embedder),
     }
 
 
@@ -117,6 +149,7 @@ class _Plan:
     metric: str
     null_draws: int
     seed: int
+    anchor: int | None
     names: dict[int, str]
     candidates: np.ndarray  # gene token ids (controls of unexpressed genes)
     labels: list[str] = field(default_factory=list)
@@ -147,7 +180,17 @@ def _jobs(
     head, genes, tail = _split(e, ids)
     max_genes = e.max_length - len(head) - len(tail)
     todo = list(zip(plan.perturbations, plan.labels, strict=True))
-    if plan.genome_wide is not None:
+    if plan.genome_wide is not None and plan.anchor is not None:
+        # the anchor with each other gene; a cell without the anchor: no row (as Geneformer)
+        if plan.anchor in genes:
+            top = [int(g) for g in genes[:2]]
+            for g in genes:
+                # overexpressing (anchor, g) where they already lead in that order: a no-op
+                if g == plan.anchor or (plan.genome_wide == "overexpress" and top == [plan.anchor, int(g)]):  # fmt: skip
+                    continue
+                p = Perturbation(plan.genome_wide, (plan.anchor, int(g)))  # type: ignore[arg-type]
+                todo.append((p, p.label(plan.names)))
+    elif plan.genome_wide is not None:
         # overexpressing the top-ranked gene leaves the cell as it is: no row
         skip = 1 if plan.genome_wide == "overexpress" else 0
         for g in genes[skip:]:
@@ -188,9 +231,10 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _run_chunk(
     e: Embedder, origs: list[np.ndarray], jobs: list[_Job], goal: torch.Tensor | None,
-    gene_shifts: bool, metric: str,
-) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], list[np.ndarray]]:  # fmt: skip
-    """Cell cosines, goal shifts and per-job (gene ids, gene cosines) for one chunk."""
+    gene_shifts: bool, metric: str, alts: torch.Tensor | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], list[np.ndarray], np.ndarray]:  # fmt: skip
+    """Cell cosines, goal shifts, per-job (gene ids, gene cosines) and the (jobs, states)
+    shifts toward the alternative states ``alts`` (states, hidden) of one chunk."""
     cls_metric = metric == "geneformer" and e.cls_id is not None
     genes_metric = metric == "geneformer" and e.cls_id is None  # V1: mean of gene cosines
     if cls_metric and not all(len(s) and s[0] == e.cls_id for s in origs):
@@ -212,6 +256,8 @@ def _run_chunk(
                 orig_hidden[i] = b.hidden[r, : b.lengths[r]].float()
     cell_cos = np.zeros(len(jobs), dtype=np.float32)
     goal_shift = np.full(len(jobs), np.nan, dtype=np.float32)
+    n_alts = 0 if alts is None else len(alts)
+    alt_shift = np.full((len(jobs), n_alts), np.nan, dtype=np.float32)
     gene_ids: list[np.ndarray] = [np.zeros(0, np.int32)] * len(jobs)
     gene_cos: list[np.ndarray] = [np.zeros(0, np.float32)] * len(jobs)
     for b in e.encode([j.seq for j in jobs]):
@@ -225,6 +271,9 @@ def _run_chunk(
         if goal is not None:
             shift = _cos(emb, goal[None]) - _cos(base, goal[None])
             goal_shift[b.index] = shift.cpu().numpy()
+        if alts is not None and n_alts:
+            shift = _cos(emb[:, None], alts[None]) - _cos(base[:, None], alts[None])
+            alt_shift[b.index] = shift.cpu().numpy()  # (rows, states)
         if not need_hidden:
             continue
         for r, i in enumerate(b.index):
@@ -241,7 +290,7 @@ def _run_chunk(
             if gene_shifts:
                 gene_ids[i] = job.seq[keep + offset].astype(np.int32)
                 gene_cos[i] = cos
-    return cell_cos, goal_shift, gene_ids, gene_cos
+    return cell_cos, goal_shift, gene_ids, gene_cos, alt_shift
 
 
 def iter_perturb_cells(
@@ -257,12 +306,14 @@ def iter_perturb_cells(
     metric: str = "geneformer",
     null_draws: int = 0,
     seed: int = 0,
+    anchor_gene: int | None = None,
+    alternatives: Mapping[str, np.ndarray] | None = None,
     max_sequences: int = 2048,
     progress: bool = False,
 ) -> Iterator[pa.Table]:
-    """:func:`perturb_cells` as a stream of tables (:data:`RESULT_SCHEMA`), one per chunk of
-    cells whose perturbed sequences number about ``max_sequences`` (bounded memory);
-    ``progress``: a tqdm bar over cells."""
+    """:func:`perturb_cells` as a stream of tables (:func:`result_schema` of the
+    alternatives), one per chunk of cells whose perturbed sequences number about
+    ``max_sequences`` (bounded memory); ``progress``: a tqdm bar over cells."""
     from tqdm.auto import tqdm
 
     if not perturbations and genome_wide is None:
@@ -275,6 +326,11 @@ def iter_perturb_cells(
         raise ValueError(f"null_draws {null_draws}: controls per cell and perturbation, >= 0")
     if cell_ids is not None and len(cell_ids) != len(cells):
         raise ValueError(f"{len(cell_ids)} cell_ids for {len(cells)} cells")
+    if anchor_gene is not None and genome_wide is None:
+        raise ValueError(
+            "anchor_gene perturbs the anchor with every other gene of a genome-wide screen: "
+            "give genome_wide (a kind) too"
+        )
     goal_t = None
     if goal is not None:
         goal_t = torch.as_tensor(np.asarray(goal, np.float32), device=embedder.device)
@@ -282,10 +338,25 @@ def iter_perturb_cells(
             raise ValueError(
                 f"goal has shape {tuple(goal_t.shape)}, expected ({embedder.hidden_size},)"
             )
+    states = list(alternatives or {})
+    alts_t = None
+    if states:
+        alts_t = torch.as_tensor(
+            np.stack([np.asarray(alternatives[s], np.float32) for s in states]),  # type: ignore[index]
+            device=embedder.device,
+        )
+        if alts_t.shape != (len(states), embedder.hidden_size):
+            raise ValueError(
+                f"alternative states have shape {tuple(alts_t.shape)}, expected "
+                f"({len(states)}, {embedder.hidden_size})"
+            )
     vocab = embedder.token_dictionary
     names = {v: k for k, v in vocab.items()}
     genes = np.array(sorted(v for k, v in vocab.items() if not k.startswith("<")), np.int64)
-    plan = _Plan(perturbations, genome_wide, fraction, metric, null_draws, seed, names, genes)
+    anchor = None if anchor_gene is None else int(anchor_gene)
+    plan = _Plan(
+        perturbations, genome_wide, fraction, metric, null_draws, seed, anchor, names, genes
+    )
     meta = result_metadata(embedder, metric)
     bar = tqdm(total=len(cells), unit="cell", desc="perturb", disable=not progress)
     start = 0
@@ -302,17 +373,21 @@ def iter_perturb_cells(
         for j in jobs:  # cut originals run after the cells
             j.orig = j.orig if j.orig >= 0 else len(seqs) - 1 - j.orig
         table = _table(embedder, seqs, seqs + cuts, jobs, start, goal_t, gene_shifts, cell_ids,
-                       metric)  # fmt: skip
+                       metric, alts_t, states)  # fmt: skip
         yield table.replace_schema_metadata(meta)
         start += len(seqs)
         bar.update(len(seqs))
     bar.close()
 
 
-def _table(e, seqs, origs, jobs, start, goal, gene_shifts, cell_ids, metric) -> pa.Table:  # type: ignore[no-untyped-def]
-    cos, shift, gids, gcos = _run_chunk(e, origs, jobs, goal, gene_shifts, metric)
+def _table(
+    e: Embedder, seqs: list[np.ndarray], origs: list[np.ndarray], jobs: list[_Job], start: int,
+    goal: torch.Tensor | None, gene_shifts: bool, cell_ids: Sequence[str] | None, metric: str,
+    alts: torch.Tensor | None, states: list[str],
+) -> pa.Table:  # fmt: skip
+    cos, shift, gids, gcos, alt = _run_chunk(e, origs, jobs, goal, gene_shifts, metric, alts)
     idx = np.array([start + j.cell for j in jobs], dtype=np.int64)
-    return pa.table(
+    table = pa.table(
         {
             "cell_index": idx,
             "cell_id": pa.array(
@@ -333,6 +408,12 @@ def _table(e, seqs, origs, jobs, start, goal, gene_shifts, cell_ids, metric) -> 
         },
         schema=RESULT_SCHEMA,
     )
+    for k, state in enumerate(states):
+        table = table.append_column(
+            pa.field(alt_column(state), pa.float32()),
+            pa.array(alt[:, k], pa.float32(), from_pandas=True),
+        )
+    return table
 
 
 def perturb_cells(
@@ -347,9 +428,12 @@ def perturb_cells(
     cell's genes); ``goal``: (hidden,) goal-state embedding (pooled as the embedder pools);
     ``gene_shifts``: also the per-gene cosines; ``cell_ids``: IDs to carry; ``metric``:
     ``"geneformer"`` or ``"pooled"`` (see the module docstring); ``null_draws``: controls per
-    (cell, listed perturbation), drawn with ``seed``; ``max_sequences``: perturbed sequences
-    held at once; ``progress``: a tqdm bar. See :func:`iter_perturb_cells`."""
+    (cell, listed perturbation), drawn with ``seed``; ``anchor_gene``: a token id perturbed
+    with every other gene in a genome-wide screen; ``alternatives``: state -> (hidden,)
+    embedding, a shift column per state; ``max_sequences``: perturbed sequences held at
+    once; ``progress``: a tqdm bar. See :func:`iter_perturb_cells`."""
     tables = list(iter_perturb_cells(embedder, cells, perturbations, **kwargs))  # type: ignore[arg-type]
     if not tables:
-        return RESULT_SCHEMA.empty_table()
+        alternatives = kwargs.get("alternatives") or {}
+        return result_schema(list(alternatives)).empty_table()  # type: ignore[arg-type]
     return pa.concat_tables(tables).replace_schema_metadata(tables[0].schema.metadata)

@@ -65,13 +65,20 @@ from cellfoundry.train.storage_env import StorageEnv
 
 logger = logging.getLogger(__name__)
 
+#: The goal cells sampled per state, kept beside a screen's finished shards (its manifest
+#: records them even when a rerun finds every shard done and samples nothing).
+STATES_FILE = "goal_states.json"
+
 
 def select_cells(table: pa.Table, filters: dict[str, list[str]], max_cells: int | None) -> pa.Table:
-    """Rows whose metadata match ``filters`` (column -> allowed values), at most ``max_cells``."""
+    """Rows whose metadata match ``filters`` (column -> allowed values; the config's
+    ``filter`` and ``start`` state, :attr:`PerturbJobConfig.cell_filter`), at most
+    ``max_cells``."""
     for column, values in filters.items():
         if column not in table.column_names:
             raise ValueError(
-                f"filter: no column {column!r} in the tokenized shards ({table.column_names})"
+                f"filter / start: no column {column!r} in the tokenized shards "
+                f"({table.column_names}); tokenize with --obs-columns naming it"
             )
         table = table.filter(pc.is_in(table[column], value_set=pa.array(values)))
     return table.slice(0, max_cells) if max_cells is not None else table
@@ -81,7 +88,11 @@ class PerturbShards:
     """Ray Data UDF (an actor): each item ``{src, dst}`` perturbs one shard into ``dst``."""
 
     def __init__(
-        self, cfg: dict[str, Any], goal: list[float] | None, storage_env: StorageEnv | None = None
+        self,
+        cfg: dict[str, Any],
+        goal: list[float] | None,
+        storage_env: StorageEnv | None = None,
+        alternatives: dict[str, list[float]] | None = None,
     ) -> None:
         from cellfoundry.config.loader import parse_config
         from cellfoundry.infer.embed import Embedder
@@ -99,6 +110,7 @@ class PerturbShards:
             perturbation_from_genes(p.kind, p.genes, vocab) for p in c.perturbations
         ]
         self.goal = None if goal is None else np.asarray(goal, np.float32)
+        self.alternatives = {k: np.asarray(v, np.float32) for k, v in (alternatives or {}).items()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self.storage_env.applied():
@@ -109,10 +121,10 @@ class PerturbShards:
         return {"result": np.array([json.dumps(r) for r in results], dtype=object)}
 
     def process(self, src: str, dst: str) -> dict[str, Any]:
-        from cellfoundry.infer.perturb import RESULT_SCHEMA, iter_perturb_cells, result_metadata
+        from cellfoundry.infer.perturb import iter_perturb_cells, result_metadata, result_schema
 
         c = self.cfg
-        table = select_cells(read_table(src), c.filter, c.max_cells)
+        table = select_cells(read_table(src), c.cell_filter, c.max_cells)
         cells, ids = cells_of(table), table["cell_id"].to_pylist()
         name = storage.name(dst)
         # under a temp name first: a writer closed by an exception must not leave a file
@@ -124,13 +136,15 @@ class PerturbShards:
             Path(tmp_path).parent.mkdir(parents=True, exist_ok=True)
         rows = done = 0
         try:
-            schema = RESULT_SCHEMA.with_metadata(result_metadata(self.embedder, c.metric))
+            schema = result_schema(list(self.alternatives)).with_metadata(
+                result_metadata(self.embedder, c.metric)
+            )
             with pq.ParquetWriter(tmp_path, schema, filesystem=fs) as writer:
                 for part in iter_perturb_cells(
                     self.embedder, cells, self.perturbations, genome_wide=c.genome_wide,
                     fraction=c.fraction, goal=self.goal, gene_shifts=c.gene_shifts, cell_ids=ids,
                     metric=c.metric, null_draws=control_draws(c), seed=c.seed,
-                    max_sequences=c.max_sequences,
+                    alternatives=self.alternatives, max_sequences=c.max_sequences,
                 ):  # fmt: skip
                     writer.write_table(part)
                     rows += part.num_rows
@@ -195,20 +209,72 @@ def what_was_computed(cfg: PerturbJobConfig, vocab: dict[str, int]) -> dict[str,
     }
 
 
-def goal_embedding(cfg: PerturbJobConfig) -> np.ndarray | None:
-    """Mean embedding of the goal-state cells (a Ray Data pass over the tokenized shards)."""
+@dataclass
+class StateEmbeddings:
+    """The goal state's embedding, each alternative state's, and the cells behind each."""
+
+    goal: np.ndarray
+    alternatives: dict[str, np.ndarray]
+    cells: dict[str, int]
+
+
+def states_record(cfg: PerturbJobConfig, cells: dict[str, int] | None) -> dict[str, Any]:
+    """What the manifest records of the start and goal states (``cells``: goal cells
+    sampled per state, None where not known)."""
+    start = None if cfg.start is None else {"column": cfg.start.column, "value": cfg.start.value}
+    if cfg.goal is None:
+        return {"start_state": start, "goal_state": None}
+    g = cfg.goal
+    goal = {
+        "column": g.column, "value": g.value, "alternatives": list(g.alternatives),
+        "statistic": g.statistic, "max_cells": g.max_cells, "seed": g.seed,
+        "sample": "the max_cells cells of each state with the smallest blake2b(seed, cell_id)",
+        "cells": cells,
+    }  # fmt: skip
+    return {"start_state": start, "goal_state": goal}
+
+
+def state_embeddings(cfg: PerturbJobConfig) -> StateEmbeddings | None:
+    """Embeddings of the goal state and its alternatives: a seeded random sample of each
+    state's cells (:func:`~cellfoundry.infer.states.sample_state_cells`), embedded and
+    summarised by ``goal.statistic``. Two Ray Data passes over the tokenized shards: the
+    sample from the IDs and the state column only, then the sampled cells' embeddings."""
     import ray
 
     from cellfoundry.infer.embed_job import EMB_COLUMN, EmbedCells
+    from cellfoundry.infer.states import sample_state_cells, state_embedding
 
     if cfg.goal is None:
         return None
     goal = cfg.goal
     fs, paths = shard_source(shard_files(cfg.tokenized))
-    ds = ray.data.read_parquet(paths, filesystem=fs)
-    ds = ds.map_batches(
-        lambda t: select_cells(t, {goal.column: [goal.value]}, None), batch_format="pyarrow"
-    ).limit(goal.max_cells)
+    names = pq.read_schema(paths[0], filesystem=fs).names
+    if goal.column not in names:
+        raise ValueError(
+            f"goal: no column {goal.column!r} in the tokenized shards ({names}); tokenize with "
+            "--obs-columns naming it"
+        )
+
+    def sample(t: pa.Table) -> pa.Table:
+        # each batch's smallest keys hold the whole screen's smallest ones among its cells
+        return sample_state_cells(t, goal.column, goal.states, goal.max_cells, goal.seed)
+
+    ids = ray.data.read_parquet(paths, filesystem=fs, columns=["cell_id", goal.column])
+    parts = list(
+        ids.map_batches(sample, batch_format="pyarrow").iter_batches(
+            batch_size=None, batch_format="pyarrow"
+        )
+    )
+    chosen = (
+        sample(pa.concat_tables(parts))
+        if parts
+        else pa.table({"cell_id": pa.array([], pa.string())})
+    )
+    wanted = pa.array(chosen["cell_id"].to_pylist(), pa.string())
+    ds = ray.data.read_parquet(paths, filesystem=fs).map_batches(
+        lambda t: t.filter(pc.is_in(pc.cast(t["cell_id"], pa.string()), value_set=wanted)),
+        batch_format="pyarrow",
+    )
     ds = ds.map_batches(
         EmbedCells,
         fn_constructor_kwargs={
@@ -221,18 +287,32 @@ def goal_embedding(cfg: PerturbJobConfig) -> np.ndarray | None:
         batch_format="pyarrow",
         **map_batches_kwargs(cfg.compute),
     )
-    parts = [
-        b[EMB_COLUMN].combine_chunks()
-        for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")
-    ]
-    n = sum(len(p) for p in parts)
-    if n == 0:
-        raise ValueError(
-            f"goal: no cell has {goal.column} == {goal.value!r}; check the column and value"
-        )
-    emb = np.concatenate([p.flatten().to_numpy().reshape(len(p), -1) for p in parts if len(p)])
-    logger.info("goal state %s=%s: mean of %d cell embeddings", goal.column, goal.value, n)
-    return emb.mean(0).astype(np.float32)
+    by_state: dict[str, list[np.ndarray]] = {s: [] for s in goal.states}
+    for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if not b.num_rows:
+            continue
+        emb = b[EMB_COLUMN].combine_chunks().flatten().to_numpy().reshape(b.num_rows, -1)
+        state = pc.cast(b[goal.column], pa.string()).to_pylist()
+        for s in by_state:
+            rows = [i for i, v in enumerate(state) if v == s]
+            if rows:
+                by_state[s].append(emb[rows])
+    out: dict[str, np.ndarray] = {}
+    cells: dict[str, int] = {}
+    for s, embs in by_state.items():
+        cells[s] = sum(len(e) for e in embs)
+        if not cells[s]:
+            what = "goal" if s == goal.value else "goal.alternatives"
+            raise ValueError(
+                f"{what}: no cell has {goal.column} == {s!r}; check the column and value"
+            )
+        out[s] = state_embedding(np.concatenate(embs), goal.statistic)
+    logger.info(
+        "goal state %s=%s: %s of %d sampled cells (seed %d)%s", goal.column, goal.value,
+        goal.statistic, cells[goal.value], goal.seed,
+        "".join(f"; {s}: {cells[s]}" for s in goal.alternatives),
+    )  # fmt: skip
+    return StateEmbeddings(out[goal.value], {s: out[s] for s in goal.alternatives}, cells)
 
 
 @dataclass
@@ -290,18 +370,26 @@ def run_perturb(cfg: PerturbJobConfig) -> PerturbResult:
     if todo:
         # the goal pass reads Parquet with Ray Data tasks; the screen's actors read their own
         check_placeable(cfg.compute, reads=cfg.goal is not None, stage="perturb")
-        goal = goal_embedding(cfg)
+        states = state_embeddings(cfg)
+        if states is not None:  # the sample's counts, for the manifest of a resumed screen too
+            storage.write_text(storage.join(work, STATES_FILE), json.dumps(states.cells))
         ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
             PerturbShards,
             fn_constructor_kwargs={
                 "cfg": config_to_dict(cfg),
-                "goal": None if goal is None else goal.tolist(),
+                "goal": None if states is None else states.goal.tolist(),
                 "storage_env": StorageEnv.capture(cfg.model, cfg.tokenized, cfg.output_dir),
+                "alternatives": None
+                if states is None
+                else {k: v.tolist() for k, v in states.alternatives.items()},
             },
             **{**map_batches_kwargs(cfg.compute), "batch_size": 1},
         )
         for r in ds.take_all():
             logger.info("screen shard done: %s", r["result"])
+    cells_file = storage.join(work, STATES_FILE)
+    sampled = json.loads(storage.read_text(cells_file)) if storage.is_file(cells_file) else None
+    computed.update(states_record(cfg, sampled))
     with write_artifact(out, "screen", config, inputs) as w:
         counts = _assemble(cfg, [i["dst"] for i in items], w.dir, computed)
         w.counts = counts
@@ -349,7 +437,10 @@ def _assemble(
             shutil.copy2(p, screen / name)
     lf = pl.scan_parquet([str(screen / name) for name in names])
     null = _null_values(cfg.null_screen, cfg.goal is not None) if cfg.null_screen else None
-    stats = screen_stats(lf, null=null, genome_wide=cfg.genome_wide is not None)
+    alternatives = cfg.goal.alternatives if cfg.goal is not None else []
+    stats = screen_stats(
+        lf, null=null, genome_wide=cfg.genome_wide is not None, alternatives=alternatives
+    )
     stats = stats.with_columns(
         pl.lit(computed["metric"]).alias("metric"),
         pl.lit(computed["layer"], pl.Int64).alias("layer"),

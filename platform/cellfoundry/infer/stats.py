@@ -15,6 +15,7 @@ statistics, against every other gene's values. The test is a two-sided Wilcoxon 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,7 @@ def screen_stats(
     *,
     null: pl.DataFrame | None = None,
     genome_wide: bool = False,
+    alternatives: Sequence[str] = (),
 ) -> pl.DataFrame:
     """Per perturbation (its controls apart): kind, n_cells, mean/std of the cell shift
     (1 - cell_cos) and of the goal shift, and a rank-sum test of ``tested`` (which value)
@@ -145,12 +147,16 @@ def screen_stats(
     - ``none``: no null (p-value NaN).
 
     ``fdr``: Benjamini-Hochberg over all perturbations, NaN p-values as 1 (as Geneformer).
+    ``alternatives``: states whose shift columns (``alt_shift:<state>``) are summarised too,
+    as ``alt_shift_mean:<state>`` and ``alt_shift_std:<state>`` (not tested).
+
     Sorted by p-value. A perturbation's p-value depends only on its own rows and null."""
     lf = screen.lazy()
     has_control = "control" in lf.collect_schema().names()
     control = pl.col("control").fill_null(False) if has_control else pl.lit(False)
+    alts = [f"alt_shift:{s}" for s in alternatives]
     df = (
-        lf.select("perturbation", "kind", "cell_cos", "goal_shift", control.alias("control"))
+        lf.select("perturbation", "kind", "cell_cos", "goal_shift", *alts, control.alias("control"))
         .with_columns(cell_shift=1.0 - pl.col("cell_cos").cast(pl.Float64))
         .collect()
     )
@@ -164,6 +170,14 @@ def screen_stats(
         pl.col("cell_shift").std().alias("cell_shift_std"),
         pl.col("goal_shift").cast(pl.Float64).mean().alias("goal_shift_mean"),
         pl.col("goal_shift").cast(pl.Float64).std().alias("goal_shift_std"),
+        *(
+            agg
+            for s, a in zip(alternatives, alts, strict=True)
+            for agg in (
+                pl.col(a).cast(pl.Float64).mean().alias(f"alt_shift_mean:{s}"),
+                pl.col(a).cast(pl.Float64).std().alias(f"alt_shift_std:{s}"),
+            )
+        ),
     )
     value = pl.col(tested).cast(pl.Float64)
     values = df.select("perturbation", "control", value.alias("value")).filter(
