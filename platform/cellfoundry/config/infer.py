@@ -258,6 +258,10 @@ class PerturbJobConfig:
     """Perturbations applied to every cell (genes not expressed: see ``perturb_ops``)."""
     genome_wide: Literal["delete", "overexpress", "inhibit", "activate"] | None = None
     """Also perturb every gene each cell expresses, one at a time, with this kind."""
+    anchor_gene: str | None = None
+    """With ``genome_wide``: perturb this gene (Ensembl ID or token id) together with each
+    other gene of the cell instead of each gene alone, rows ``kind:ANCHOR+GENE``; cells
+    that do not express it give no rows (Geneformer's ``anchor_gene``)."""
     fraction: float = 0.25
     """inhibit/activate move a gene by this share of the cell's ranks (a quartile)."""
     metric: Literal["geneformer", "pooled"] = "geneformer"
@@ -318,6 +322,11 @@ class PerturbJobConfig:
         if not self.perturbations and self.genome_wide is None:
             raise ValueError(
                 "give perturbations: [{kind: delete, genes: [ENSG...]}] or genome_wide: delete"
+            )
+        if self.anchor_gene is not None and self.genome_wide is None:
+            raise ValueError(
+                "anchor_gene perturbs the anchor with every other gene of each cell: give "
+                "genome_wide: delete (or another kind) too"
             )
         if not 0.0 < self.fraction <= 1.0:
             raise ValueError("fraction must lie in (0, 1] (0.25: a quartile of the cell's ranks)")

@@ -109,6 +109,7 @@ class PerturbShards:
         self.perturbations = [
             perturbation_from_genes(p.kind, p.genes, vocab) for p in c.perturbations
         ]
+        self.anchor = anchor_token(c, vocab)
         self.goal = None if goal is None else np.asarray(goal, np.float32)
         self.alternatives = {k: np.asarray(v, np.float32) for k, v in (alternatives or {}).items()}
 
@@ -144,7 +145,8 @@ class PerturbShards:
                     self.embedder, cells, self.perturbations, genome_wide=c.genome_wide,
                     fraction=c.fraction, goal=self.goal, gene_shifts=c.gene_shifts, cell_ids=ids,
                     metric=c.metric, null_draws=control_draws(c), seed=c.seed,
-                    alternatives=self.alternatives, max_sequences=c.max_sequences,
+                    anchor_gene=self.anchor, alternatives=self.alternatives,
+                    max_sequences=c.max_sequences,
                 ):  # fmt: skip
                     writer.write_table(part)
                     rows += part.num_rows
@@ -162,6 +164,15 @@ class PerturbShards:
         finally:
             storage.delete_file(tmp)
         return {"src": src, "cells": len(cells), "rows": rows}
+
+
+def anchor_token(cfg: PerturbJobConfig, vocab: dict[str, int]) -> int | None:
+    """The token id of ``anchor_gene`` (an unknown gene is an error), or None."""
+    from cellfoundry.infer.perturb_ops import perturbation_from_genes
+
+    if cfg.anchor_gene is None or cfg.genome_wide is None:
+        return None
+    return perturbation_from_genes(cfg.genome_wide, [cfg.anchor_gene], vocab).token_ids[0]
 
 
 def control_draws(cfg: PerturbJobConfig) -> int:
@@ -340,6 +351,7 @@ def run_perturb(cfg: PerturbJobConfig) -> PerturbResult:
     vocab = load_token_dictionary_for(cfg.model) or {}
     for spec in cfg.perturbations:  # unknown genes fail here, not inside an actor
         perturbation_from_genes(spec.kind, spec.genes, vocab)
+    anchor_token(cfg, vocab)
     cfg = resolved(cfg, vocab)  # the pooling the actors and the goal use, in the fingerprint
     computed = what_was_computed(cfg, vocab)
     config = {**config_to_dict(cfg), "model_signature": model_signature(cfg.model)}
