@@ -6,14 +6,20 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
+import pytest
 import scipy.sparse as sp
 
 from cellfoundry import datalog, progress, runtime
+
+# Ray workers cannot import this test module: pickle its functions and classes by value.
+ray_cloudpickle = pytest.importorskip("ray.cloudpickle")
+ray_cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 class Collect(logging.Handler):
