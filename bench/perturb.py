@@ -25,7 +25,14 @@ against a reference-style baseline, and the projected cost of the paper's genome
    measured rate, in GPU-days (``screen_h100_days`` when the GPU is an H100). For reference
    (quoted, not measured here): the paper estimates 32.8 days on 12 A100s in full precision
    and 5.9 days in 8-bit.
-5. On a GPU writes ``bench/results/perturb.json`` and its section of ``bench/RESULTS.md``
+5. Precision (``--precision``, default on): the same deletions with Geneformer's metric
+   (the ``<cls>`` cosine screens report by default) in fp32 and in bf16, on the same
+   weights and cells: speed of each, and the Spearman rank correlation, max abs error and
+   median relative error of the bf16 cell shifts (1 - cos) against fp32
+   (``precision.bf16_vs_fp32.*``). Screens default to fp32 unless that correlation is
+   >= 0.99 on the target hardware. The CPU dry run computes it with torch's CPU bf16: a
+   check of the code path and a CPU figure, not a GPU one.
+6. On a GPU writes ``bench/results/perturb.json`` and its section of ``bench/RESULTS.md``
    (``--no-record``: ``bench/out/perturb.json``). Without CUDA it runs only with
    ``--cpu-dry-run`` (preset tiny, 256 tokens, a few perturbations), which checks the code
    path and writes ``bench/out/perturb_dry.json``.
@@ -113,13 +120,17 @@ def run_optimized(
     device: torch.device,
     *,
     fp8: bool = False,
+    dtype: str | None = None,
+    metric: str = "pooled",
 ) -> dict[str, Any]:
     """perturb_cells over every cell's deletions; halves the batch on out-of-memory. With
     ``fp8`` the encoder's linear layers run in float8 (``cellfoundry.model.fp8.to_fp8``; on
-    CPU emulated, for the dry run); raises ``FP8Unsupported`` on a GPU without FP8."""
+    CPU emulated, for the dry run); raises ``FP8Unsupported`` on a GPU without FP8.
+    ``dtype``: ``fp32`` or ``bf16`` weights (default bf16 on a GPU, fp32 on CPU; bf16 runs
+    on CPU too); ``metric``: the cell shift (``pooled``, as the baseline, or ``geneformer``)."""
     from cellfoundry.infer import Embedder, Perturbation, perturb_cells
 
-    dtype = "bf16" if device.type == "cuda" else "fp32"
+    dtype = dtype or ("bf16" if device.type == "cuda" else "fp32")
     model = build(plat, args, "sdpa").to(
         device, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32
     )
@@ -136,14 +147,14 @@ def run_optimized(
             )
             warm = [Perturbation("delete", (g,)) for g in deletions(cells[0], args.warmup)]
             for _ in range(2 if args.compile else 1):  # compile: shapes of full and last batches
-                perturb_cells(e, cells[:1], warm, gene_shifts=False, metric="pooled")
+                perturb_cells(e, cells[:1], warm, gene_shifts=False, metric=metric)
             _sync(device)
             _release(device)
             n, start, tables = 0, time.perf_counter(), []
             for cell in cells:
                 perts = [Perturbation("delete", (g,)) for g in deletions(cell, args.perturbations)]
-                # the baseline mean-pools: the same quantity, not Geneformer's <cls> cosine
-                tables.append(perturb_cells(e, [cell], perts, gene_shifts=False, metric="pooled"))
+                # pooled: the baseline's quantity; geneformer: the <cls> cosine screens report
+                tables.append(perturb_cells(e, [cell], perts, gene_shifts=False, metric=metric))
                 n += len(perts)
             _sync(device)
             seconds = time.perf_counter() - start
@@ -281,6 +292,7 @@ def fp8_metrics(
         "fp8.cell_cos_median_abs_diff": float(np.median(dcos)),
         "fp8.shift_median": float(np.median(shift_ref)),
         "fp8.shift_compared": int(moved.sum()),
+        "fp8.shift_spearman": spearman(shift8, shift_ref),
     }
     if moved.any():
         m["fp8.shift_rel_err_median"] = float(np.median(rel))
@@ -290,6 +302,54 @@ def fp8_metrics(
         )
     if fp8["peak_mem_gb"] is not None:
         m[f"{p}.fp8.peak_mem_gb"] = round(fp8["peak_mem_gb"], 2)
+    return m
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (average ranks for ties; NumPy only, as the GPU image)."""
+
+    def ranks(x: np.ndarray) -> np.ndarray:
+        _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
+        last = np.cumsum(counts)  # 1-based rank of each distinct value's last copy
+        return (last - (counts - 1) / 2.0)[inv]  # ties share their average rank
+
+    ra, rb = ranks(np.asarray(a, np.float64)), ranks(np.asarray(b, np.float64))
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def precision_metrics(
+    lo: dict[str, Any], ref: dict[str, Any], args: argparse.Namespace, device: torch.device
+) -> dict[str, Any]:
+    """bf16 (``lo``) against fp32 (``ref``) on the same cells and deletions: speed of each,
+    and the Spearman correlation, max abs error and median relative error of the cell
+    shifts (1 - cos, Geneformer's metric)."""
+    p = args.preset
+    s_lo, s_ref = 1.0 - lo["cell_cos"].astype(np.float64), 1.0 - ref["cell_cos"].astype(np.float64)
+    if s_lo.shape != s_ref.shape:
+        raise RuntimeError(f"bf16 gave {s_lo.shape} shifts, fp32 {s_ref.shape}")
+    err = np.abs(s_lo - s_ref)
+    moved = s_ref > 0
+    rho = spearman(s_lo, s_ref)
+    m: dict[str, Any] = {
+        "precision.metric": "geneformer (<cls> cosine), shift = 1 - cos",
+        "precision.measured_on": (
+            "gpu" if device.type == "cuda" else "cpu (torch bf16 on CPU; not a GPU figure)"
+        ),
+        f"{p}.fp32.cells_per_s": round(ref["sequences"] / ref["seconds"], 2),
+        f"{p}.bf16.cells_per_s": round(lo["sequences"] / lo["seconds"], 2),
+        "precision.compared": int(err.size),
+        "precision.bf16_vs_fp32.shift_spearman": rho,
+        "precision.bf16_vs_fp32.shift_max_abs_err": float(err.max()),
+        "precision.bf16_vs_fp32.shift_median": float(np.median(s_ref)),
+        # the screens' rule (config: compute.dtype): bf16 only at >= 0.99 on the target hardware
+        "precision.bf16_vs_fp32.spearman_at_least_0_99": int(bool(rho >= 0.99)),
+    }
+    if moved.any():
+        m["precision.bf16_vs_fp32.shift_rel_err_median"] = float(
+            np.median(err[moved] / s_ref[moved])
+        )
     return m
 
 
@@ -339,6 +399,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the screen with FP8 linear layers and compare its cell "
                         "cosines with the bf16 run's (default on)")  # fmt: skip
+    p.add_argument("--precision", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the deletions in fp32 and bf16 with Geneformer's metric and "
+                        "compare the bf16 cell shifts with fp32's (default on)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-record", action="store_true", help="write bench/out/perturb.json only")
     p.add_argument("--cpu-dry-run", action="store_true", help="no GPU: tiny sizes -> bench/out")
@@ -381,6 +444,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"  fp8: {fp8['sequences']} sequences in {fp8['seconds']:.2f} s", flush=True)
             metrics.update(fp8_metrics(fp8, opt, args, screen_days_key(dev)))
+    if args.precision:
+        runs = {}
+        for dtype in ("fp32", "bf16"):
+            runs[dtype] = run_optimized(plat, cells, args, device, dtype=dtype, metric="geneformer")
+            print(f"  {dtype} (geneformer metric): {runs[dtype]['sequences']} sequences in "
+                  f"{runs[dtype]['seconds']:.2f} s", flush=True)  # fmt: skip
+        metrics.update(precision_metrics(runs["bf16"], runs["fp32"], args, device))
     rows = [[k, v] for k, v in metrics.items() if not isinstance(v, str)]
     print(format_table(rows, ["metric", "value"]))
     if not cuda:

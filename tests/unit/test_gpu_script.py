@@ -31,6 +31,10 @@ EXPECTED = {
         "fp8.cell_cos_median_abs_diff",
         "fp8.shift_rel_err_median",
         "fp8.shift_rel_err_max",
+        "tiny.fp32.cells_per_s",
+        "tiny.bf16.cells_per_s",
+        "precision.bf16_vs_fp32.shift_spearman",
+        "precision.bf16_vs_fp32.shift_max_abs_err",
     ],
     "serve_gpu_dry.json": ["tiny.fp32.c1.p50_ms", "tiny.fp32.c1.p99_ms", "tiny.fp32.c8.p99_ms"],
 }

@@ -9,8 +9,10 @@ shards already finished. The driver then assembles the ``screen`` artifact: the 
 ``stats.parquet`` (tests + FDR), ``gene_stats.parquet`` and ``stats.png``.
 
 What the numbers mean is recorded everywhere they go: the manifest's provenance, the
-``metric`` / ``layer`` / ``emb_layer`` / ``pooling`` columns of ``stats.parquet`` and the
-schema metadata of every shard (:func:`~cellfoundry.infer.perturb.result_metadata`). A
+``metric`` / ``layer`` / ``emb_layer`` / ``pooling`` / ``precision`` columns of
+``stats.parquet`` and the schema metadata of every shard
+(:func:`~cellfoundry.infer.perturb.result_metadata`). Screens run in fp32 unless
+``compute.dtype`` asks for less (see :class:`~cellfoundry.config.infer.InferComputeConfig`). A
 targeted screen runs ``null_draws`` controls per cell and perturbation unless a
 ``null_screen`` is given; ``stats.parquet`` tests each perturbation against its own null
 (:func:`~cellfoundry.infer.stats.screen_stats`).
@@ -182,7 +184,10 @@ def control_draws(cfg: PerturbJobConfig) -> int:
 
 def resolved(cfg: PerturbJobConfig, vocab: dict[str, int]) -> PerturbJobConfig:
     """``cfg`` with ``pooling`` decided for the model (``vocab``): null becomes ``cls`` for a
-    V2 model (it has ``<cls>``) with ``metric: geneformer``, else ``mean``."""
+    V2 model (it has ``<cls>``) with ``metric: geneformer``, else ``mean``; and
+    ``compute.dtype: auto`` made ``fp32`` (screens' shifts are small: bf16 only when asked)."""
+    if cfg.compute.dtype == "auto":
+        cfg = dataclasses.replace(cfg, compute=dataclasses.replace(cfg.compute, dtype="fp32"))
     if cfg.pooling is not None:
         if cfg.pooling == "cls" and "<cls>" not in vocab:
             raise ValueError("pooling 'cls' needs a <cls> token; this is a V1 model: use mean")
@@ -432,7 +437,8 @@ def _assemble(
 ) -> dict[str, int]:
     """Shards (paths or URIs) into ``dest/screen`` (local: the artifact's temp folder or
     staging folder), then the statistics (with what was computed: ``computed``'s metric,
-    layers and pooling as columns) and the plot."""
+    layers and pooling, and the precision the shards record, as columns) and the plot.
+    ``computed`` gains ``precision`` (for the manifest)."""
     from cellfoundry.infer.stats import gene_shift_stats, plot_stats, screen_stats
     from cellfoundry.model import load_token_dictionary_for
 
@@ -448,6 +454,7 @@ def _assemble(
         except OSError:
             shutil.copy2(p, screen / name)
     lf = pl.scan_parquet([str(screen / name) for name in names])
+    computed["precision"] = _precision([screen / name for name in names])
     null = _null_values(cfg.null_screen, cfg.goal is not None) if cfg.null_screen else None
     alternatives = cfg.goal.alternatives if cfg.goal is not None else []
     stats = screen_stats(
@@ -458,6 +465,7 @@ def _assemble(
         pl.lit(computed["layer"], pl.Int64).alias("layer"),
         pl.lit(computed["emb_layer"], pl.Int64).alias("emb_layer"),
         pl.lit(computed["pooling"]).alias("pooling"),
+        pl.lit(computed["precision"]).alias("precision"),
     )
     stats.write_parquet(dest / "stats.parquet")
     names = {v: k for k, v in (load_token_dictionary_for(cfg.model) or {}).items()}
@@ -478,6 +486,17 @@ def _assemble(
         "shards": len(parts),
         "gene_stat_rows": 0 if genes is None else genes.height,
     }
+
+
+def _precision(files: list[Path]) -> str:
+    """The precision the shards' actors ran in (their ``precision`` metadata): one name, or
+    several joined by ``,`` when actors differed; ``unknown`` for shards written before
+    it was recorded."""
+    found = set()
+    for f in files:
+        meta = pq.read_schema(f).metadata or {}
+        found.add(meta.get(b"precision", b"unknown").decode())
+    return ",".join(sorted(found)) if found else "unknown"
 
 
 def _null_values(path: str, goal: bool) -> pl.DataFrame:
