@@ -191,8 +191,7 @@ class GoalConfig:
     depends on the cells and the seed only, not on shard order or the number of shards."""
     statistic: Literal["mean", "median"] = "mean"
     """How the sampled cells' embeddings make the state's embedding: their mean, or their
-    element-wise median (Geneformer's ``exact_median``, which takes the lower middle value
-    of an even count where this takes the average of the two)."""
+    element-wise median (of an even count: the average of the two middle values)."""
     alternatives: list[str] = field(default_factory=list)
     """Other states of ``column``: the shift toward each is also reported, in the screen
     column ``alt_shift:<state>`` and the stats columns ``alt_shift_mean:<state>`` /
