@@ -24,7 +24,6 @@ import textwrap
 from pathlib import Path
 
 import polars as pl
-import pytest
 
 ROWS_PER_CHUNK = 20  # 906 cells -> 46 chunks
 HEAD_DELAY_S = 1.5
