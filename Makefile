@@ -25,8 +25,8 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 # The suite every change passes (CI runs it): unit tests and every stage's integration
-# tests on real Ray, under 20 minutes on 2 cores. `make test-all` adds the `slow` end-to-end
-# checks (notebooks, 3-node clusters, fault injection; ~45 minutes): run it before a release.
+# tests on real Ray. `make test-all` adds the `slow` end-to-end checks (the notebooks run,
+# the 3-node corpus from local files, ZeRO-1): run it before a release.
 test: install
 	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=30 -m "not slow"
 
