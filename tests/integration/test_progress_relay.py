@@ -16,35 +16,11 @@ import pytest
 import scipy.sparse as sp
 
 from cellfoundry import datalog, progress, runtime
+from support.logcollect import Collect
 
 # Ray workers cannot import this test module: pickle its functions and classes by value.
 ray_cloudpickle = pytest.importorskip("ray.cloudpickle")
 ray_cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-class Collect(logging.Handler):
-    """The records that reach one logger (whatever pytest or setup_logging did to others)."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-        self.logger = logging.getLogger(name)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def __enter__(self) -> Collect:
-        self.level_before = self.logger.level
-        self.logger.setLevel(logging.INFO)
-        self.logger.addHandler(self)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.logger.removeHandler(self)
-        self.logger.setLevel(self.level_before)
-
-    def messages(self) -> list[str]:
-        return [r.getMessage() for r in self.records]
 
 
 def _worker(link: progress.ProgressLink | None) -> int:

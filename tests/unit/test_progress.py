@@ -17,6 +17,7 @@ from cellfoundry import progress
 from cellfoundry.config.tune import FinetuneJobConfig, FinetuneModelConfig, LabelDataConfig
 from cellfoundry.tune.data import LabelledCells
 from cellfoundry.tune.loop import TaskData, cross_entropy, train_classifier
+from support.logcollect import Collect
 
 
 def _record(level: int, msg: str, *, marked: bool = False) -> logging.LogRecord:
@@ -51,28 +52,6 @@ def test_board_keeps_the_newest_lines_and_counts_the_dropped() -> None:
     board = progress.ProgressBoard(limit=3)
     board.push([("a", 20, str(i)) for i in range(5)])
     assert [m for _, _, m in board.drain()] == ["2", "3", "4"] and board.dropped == 2
-
-
-class Collect(logging.Handler):
-    """The records that reach one logger (whatever pytest or setup_logging did to others)."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-        self.logger = logging.getLogger(name)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def __enter__(self) -> Collect:
-        self.level_before = self.logger.level
-        self.logger.setLevel(logging.INFO)
-        self.logger.addHandler(self)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.logger.removeHandler(self)
-        self.logger.setLevel(self.level_before)
 
 
 def test_lines_are_logged_on_the_driver_under_the_workers_logger() -> None:
